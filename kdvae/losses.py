@@ -1,0 +1,728 @@
+"""Losses for knowledge distillation and variational autoencoders.
+
+Pure functions of arrays: ``jit``- and ``vmap``-able, no Flax, no I/O. Every loss takes
+logits (never probabilities), computes in log space, and returns **one value per
+example** (the batch shape); averaging over the batch belongs to the train step.
+
+Hyperparameters are keyword-only. They are validated on Python scalars and static
+shapes, so the checks cost nothing under ``jax.jit``; an invalid argument raises a
+``ValueError`` or ``TypeError`` that names it and says what was seen.
+
+Computation happens in float32 or wider: bfloat16 and float16 inputs are promoted, so
+the returned values are float32 for them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+__all__ = [
+    "ELBOTerms",
+    "bernoulli_log_likelihood",
+    "diagonal_gaussian_kl",
+    "distillation_loss",
+    "elbo",
+    "gaussian_kl",
+    "gaussian_log_likelihood",
+    "iwae_bound",
+    "reparameterize",
+    "tempered_cross_entropy",
+    "tempered_log_softmax",
+    "tempered_softmax",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+# --------------------------------------------------------------------------- checks
+
+
+def _float_array(name: str, x: ArrayLike) -> jax.Array:
+    """`x` as a floating array of at least float32 precision; rejects integer inputs."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array (logits), got dtype {x.dtype}.")
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _check_temperature(temperature: Any) -> None:
+    if isinstance(temperature, jax.core.Tracer):
+        return  # A traced temperature (e.g. a schedule) cannot be checked without cost.
+    try:
+        value = float(temperature)
+    except TypeError as err:
+        raise TypeError(
+            f"temperature must be a positive finite number, got {temperature!r}."
+        ) from err
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}.")
+
+
+def _check_alpha(alpha: Any) -> None:
+    if isinstance(alpha, jax.core.Tracer):
+        return
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"alpha must be a number in [0, 1], got {alpha!r}.") from err
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}.")
+
+
+def _check_axis(name: str, axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis={axis} is out of range for {name} with {ndim} dimensions.")
+    return axis % ndim
+
+
+def _check_where(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
+    if where is None:
+        return None
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
+    try:
+        jnp.broadcast_shapes(where.shape, shape)
+    except ValueError as err:
+        raise ValueError(
+            f"where with shape {where.shape} does not broadcast to the logits' shape {shape}."
+        ) from err
+    return jnp.broadcast_to(where, shape)
+
+
+# ------------------------------------------------------------- tempered softmax & CE
+
+
+def tempered_log_softmax(
+    logits: ArrayLike,
+    *,
+    temperature: float = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Log of the softmax of ``logits / temperature``.
+
+    .. math::
+        \log S_T(z)_i = z_i / T - \log \sum_j \exp(z_j / T)
+
+    The largest unmasked logit is subtracted before dividing by ``T < 1`` and after
+    dividing by ``T >= 1``, so logits up to the float32 maximum do not overflow. Masked (``where=False``) and
+    ``-inf`` classes get ``-inf``.
+
+    Args:
+      logits: ``[..., C, ...]`` unnormalised log-probabilities, classes along ``axis``.
+      temperature: ``T > 0``; above 1 softens the distribution, below 1 sharpens it.
+      axis: the class axis.
+      where: optional boolean mask broadcastable to ``logits``; ``False`` classes are
+        excluded, exactly as if they had been sliced away.
+
+    Returns:
+      An array shaped like ``logits``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import tempered_log_softmax
+      >>> tempered_log_softmax(jnp.array([0.0, 0.0]), temperature=5.0)
+      Array([-0.6931472, -0.6931472], dtype=float32)
+
+    References:
+      Hinton, Vinyals & Dean, *Distilling the Knowledge in a Neural Network*, 2015,
+      eq. (1). https://arxiv.org/abs/1503.02531
+    """
+    _check_temperature(temperature)
+    logits = _float_array("logits", logits)
+    axis = _check_axis("logits", axis, logits.ndim)
+    where = _check_where(where, logits.shape)
+    visible = logits if where is None else jnp.where(where, logits, -jnp.inf)
+    shift = jnp.max(visible, axis=axis, keepdims=True)
+    shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
+    if isinstance(temperature, jax.core.Tracer) or temperature < 1.0:
+        scaled = (logits - shift) / temperature  # subtract first: z / T could overflow
+    else:
+        scaled = logits / temperature - shift / temperature  # divide first: z - max could
+    out = jax.nn.log_softmax(scaled, axis=axis, where=where)
+    return out if where is None else jnp.where(where, out, -jnp.inf)
+
+
+def tempered_softmax(
+    logits: ArrayLike,
+    *,
+    temperature: float = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Softmax of ``logits / temperature``: Hinton's softened class probabilities.
+
+    .. math::
+        S_T(z)_i = \exp(z_i / T) / \sum_j \exp(z_j / T)
+
+    Args:
+      logits: ``[..., C, ...]`` unnormalised log-probabilities, classes along ``axis``.
+      temperature: ``T > 0``.
+      axis: the class axis.
+      where: optional boolean mask; masked classes get probability 0.
+
+    Returns:
+      Probabilities shaped like ``logits``, summing to one along ``axis``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import tempered_softmax
+      >>> tempered_softmax(jnp.array([1.0, 2.0, 3.0]), temperature=1e6).round(3)
+      Array([0.333, 0.333, 0.333], dtype=float32)
+
+    References:
+      Hinton, Vinyals & Dean, 2015, eq. (1). https://arxiv.org/abs/1503.02531
+    """
+    return jnp.exp(tempered_log_softmax(logits, temperature=temperature, axis=axis, where=where))
+
+
+def _integer_labels(labels: jax.Array, logits_shape: tuple[int, ...], axis: int) -> jax.Array:
+    expected = logits_shape[:axis] + logits_shape[axis + 1 :]
+    if labels.shape != expected:
+        raise ValueError(
+            f"integer labels must have the logits' shape without the class axis, {expected}; "
+            f"got {labels.shape} for logits of shape {logits_shape}."
+        )
+    return labels
+
+
+def tempered_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    temperature: float = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Cross-entropy between ``labels`` and the tempered softmax of ``logits``.
+
+    .. math::
+        \ell(z, y) = -\sum_i y_i \log S_T(z)_i
+
+    ``labels`` are either integer class indices (shape ``[...]``) or probability vectors
+    (one-hot or soft, shaped like ``logits``). Classes with zero probability contribute
+    exactly zero, also when their logit is ``-inf`` (``optax.softmax_cross_entropy``
+    returns NaN there). At ``T = 1`` this is the ordinary softmax cross-entropy.
+
+    Args:
+      logits: ``[..., C]`` logits (classes along ``axis``).
+      labels: ``[...]`` integer class indices, or ``[..., C]`` probabilities.
+      temperature: ``T > 0`` applied to ``logits`` only.
+      axis: the class axis.
+      where: optional boolean mask over classes, broadcastable to ``logits``.
+
+    Returns:
+      ``[...]``: the loss per example (the class axis removed).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import tempered_cross_entropy
+      >>> tempered_cross_entropy(jnp.array([[0.0, 0.0]]), jnp.array([1]))
+      Array([0.6931472], dtype=float32)
+
+    References:
+      Hinton, Vinyals & Dean, 2015, section 2. https://arxiv.org/abs/1503.02531
+    """
+    logits = _float_array("logits", logits)
+    axis = _check_axis("logits", axis, logits.ndim)
+    labels = jnp.asarray(labels)
+    log_p = tempered_log_softmax(logits, temperature=temperature, axis=axis, where=where)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        labels = _integer_labels(labels, logits.shape, axis)
+        picked = jnp.take_along_axis(log_p, jnp.expand_dims(labels, axis), axis=axis)
+        return -jnp.squeeze(picked, axis)
+    if not jnp.issubdtype(labels.dtype, jnp.floating):
+        raise TypeError(f"labels must be integer indices or probabilities, got {labels.dtype}.")
+    if labels.shape != logits.shape:
+        raise ValueError(
+            f"probability labels must have the logits' shape {logits.shape}, got {labels.shape}."
+        )
+    return -_sum_plogq(labels.astype(log_p.dtype), log_p, axis)
+
+
+def _sum_plogq(p: jax.Array, log_q: jax.Array, axis: int) -> jax.Array:
+    """``sum_i p_i log q_i`` with ``0 * log 0 = 0``, NaN-free in value and gradient."""
+    support = p > 0
+    return jnp.sum(jnp.where(support, p * jnp.where(support, log_q, 0.0), 0.0), axis=axis)
+
+
+# ------------------------------------------------------------------- distillation
+
+_SOFT_LOSSES = ("kl", "ce")
+
+
+def distillation_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    temperature: float,
+    alpha: float | None = None,
+    soft_loss: str = "kl",
+    scale_by_temperature_squared: bool = True,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Hinton's knowledge-distillation objective, per example.
+
+    .. math::
+        \mathcal{L} = \alpha \, \mathrm{CE}\big(y, S_1(z_s)\big)
+          + (1 - \alpha) \, T^2 \, \mathrm{KL}\big(S_T(z_t) \,\|\, S_T(z_s)\big)
+
+    **``alpha`` weights the hard-label term** (the cross-entropy with the true
+    ``labels`` at ``T = 1``), as in Hinton et al.; ``1 - alpha`` weights the soft term.
+    Some libraries use the opposite convention: ``alpha=0.1`` here means "mostly soft".
+
+    The ``T**2`` factor keeps the soft term's gradients on the scale of the hard term's
+    as ``T`` changes (Hinton et al., section 2); ``scale_by_temperature_squared=False``
+    drops it. With it, the gradient of the soft term with respect to the student logits
+    is ``T * (S_T(z_s) - S_T(z_t))``.
+
+    ``soft_loss="ce"`` uses the soft cross-entropy ``-sum S_T(z_t) log S_T(z_s)``
+    instead of the KL divergence: the same gradient, larger by the teacher's entropy.
+
+    The teacher's logits are an input, not a model, so logits cached once for the
+    whole transfer set work; they sit under ``jax.lax.stop_gradient``. Masked
+    (``-inf``) classes in the teacher contribute nothing.
+
+    Args:
+      student_logits: ``[..., C]`` logits of the student being trained.
+      teacher_logits: ``[..., C]`` logits of the frozen teacher.
+      labels: ``[...]`` integer labels or ``[..., C]`` probabilities for the hard term;
+        ``None`` gives the soft term alone (``T**2 * KL``, with ``alpha`` left unset).
+      temperature: ``T > 0`` for the soft term.
+      alpha: weight of the hard-label term in ``[0, 1]``; required with ``labels``.
+      soft_loss: ``"kl"`` or ``"ce"``.
+      scale_by_temperature_squared: multiply the soft term by ``T**2``.
+      axis: the class axis.
+      where: optional boolean class mask, broadcastable to the logits.
+
+    Returns:
+      ``[...]``: the loss per example.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import distillation_loss
+      >>> s, t = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[1.0, 2.0, 3.0]])
+      >>> distillation_loss(s, t, jnp.array([2]), temperature=4.0, alpha=1.0)
+      Array([0.40760595], dtype=float32)
+
+    References:
+      Hinton, Vinyals & Dean, *Distilling the Knowledge in a Neural Network*, 2015.
+      https://arxiv.org/abs/1503.02531
+    """
+    _check_temperature(temperature)
+    if soft_loss not in _SOFT_LOSSES:
+        raise ValueError(f"soft_loss must be one of {_SOFT_LOSSES}, got {soft_loss!r}.")
+    student = _float_array("student_logits", student_logits)
+    teacher = _float_array("teacher_logits", teacher_logits)
+    if student.shape != teacher.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same shape, got "
+            f"{student.shape} and {teacher.shape}."
+        )
+    axis = _check_axis("student_logits", axis, student.ndim)
+    if labels is None:
+        if alpha is not None:
+            raise ValueError(
+                f"alpha={alpha!r} weights the hard-label term, but labels is None; "
+                "leave alpha unset to get the soft term alone."
+            )
+    else:
+        if alpha is None:
+            raise ValueError("alpha (the weight of the hard-label term) is required with labels.")
+        _check_alpha(alpha)
+
+    teacher = jax.lax.stop_gradient(teacher)
+    log_p_t = tempered_log_softmax(teacher, temperature=temperature, axis=axis, where=where)
+    log_p_s = tempered_log_softmax(student, temperature=temperature, axis=axis, where=where)
+    p_t = jnp.exp(log_p_t)
+    soft = -_sum_plogq(p_t, log_p_s, axis)
+    if soft_loss == "kl":
+        soft = soft + _sum_plogq(p_t, log_p_t, axis)  # minus the teacher's entropy
+    if scale_by_temperature_squared:
+        soft = soft * temperature**2
+    if labels is None:
+        return soft
+    hard = tempered_cross_entropy(student, labels, axis=axis, where=where)
+    return alpha * hard + (1.0 - alpha) * soft
+
+
+# ----------------------------------------------------------------- Gaussians & VAE
+
+
+def reparameterize(
+    key: jax.Array,
+    mean: ArrayLike,
+    logvar: ArrayLike,
+    *,
+    num_samples: int | None = None,
+) -> jax.Array:
+    r"""Sample ``z ~ N(mean, exp(logvar))`` differentiably in ``mean`` and ``logvar``.
+
+    .. math::
+        z = \mu + \exp(\tfrac12 \log\sigma^2) \odot \epsilon, \quad \epsilon \sim N(0, I)
+
+    Args:
+      key: a PRNG key.
+      mean: ``[..., L]`` posterior means.
+      logvar: ``[..., L]`` posterior log-variances.
+      num_samples: ``None`` for one sample shaped like ``mean``; an int ``S`` for
+        ``[S, ..., L]``.
+
+    Returns:
+      ``[..., L]`` or ``[S, ..., L]`` samples.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from kdvae.losses import reparameterize
+      >>> reparameterize(jax.random.key(0), jnp.zeros(3), jnp.zeros(3), num_samples=2).shape
+      (2, 3)
+
+    References:
+      Kingma & Welling, *Auto-Encoding Variational Bayes*, 2014, section 2.4.
+      https://arxiv.org/abs/1312.6114
+    """
+    mean = _float_array("mean", mean)
+    logvar = _float_array("logvar", logvar)
+    if mean.shape != logvar.shape:
+        raise ValueError(f"mean and logvar must match, got {mean.shape} and {logvar.shape}.")
+    shape = mean.shape
+    if num_samples is not None:
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int or None, got {num_samples!r}.")
+        shape = (num_samples, *shape)
+    eps = jax.random.normal(key, shape, dtype=mean.dtype)
+    return mean + jnp.exp(0.5 * logvar) * eps
+
+
+def gaussian_kl(mean: ArrayLike, logvar: ArrayLike, *, axis: int = -1) -> jax.Array:
+    r"""``KL(N(mean, diag(exp(logvar))) || N(0, I))``, summed over the latent axis.
+
+    .. math::
+        \mathrm{KL} = \tfrac12 \sum_l \big(\mu_l^2 + \sigma_l^2 - 1 - \log\sigma_l^2\big)
+
+    Computed as ``expm1(logvar) - logvar`` so it stays accurate near ``logvar = 0``.
+
+    Args:
+      mean: ``[..., L]`` means of ``q``.
+      logvar: ``[..., L]`` log-variances of ``q``.
+      axis: the latent axis, summed over.
+
+    Returns:
+      ``[...]``: one non-negative KL per example.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import gaussian_kl
+      >>> gaussian_kl(jnp.array([1.0, 0.0]), jnp.zeros(2))
+      Array(0.5, dtype=float32)
+
+    References:
+      Kingma & Welling, 2014, appendix B. https://arxiv.org/abs/1312.6114
+    """
+    mean = _float_array("mean", mean)
+    logvar = _float_array("logvar", logvar)
+    if mean.shape != logvar.shape:
+        raise ValueError(f"mean and logvar must match, got {mean.shape} and {logvar.shape}.")
+    axis = _check_axis("mean", axis, mean.ndim)
+    return 0.5 * jnp.sum(jnp.square(mean) + jnp.expm1(logvar) - logvar, axis=axis)
+
+
+def diagonal_gaussian_kl(
+    mean_q: ArrayLike,
+    logvar_q: ArrayLike,
+    mean_p: ArrayLike,
+    logvar_p: ArrayLike,
+    *,
+    axis: int = -1,
+) -> jax.Array:
+    r"""``KL(q || p)`` between two diagonal Gaussians, summed over the latent axis.
+
+    .. math::
+        \mathrm{KL} = \tfrac12 \sum_l \Big(\frac{\sigma_{q,l}^2 + (\mu_{q,l} - \mu_{p,l})^2}
+          {\sigma_{p,l}^2} - 1 + \log\sigma_{p,l}^2 - \log\sigma_{q,l}^2\Big)
+
+    Args:
+      mean_q, logvar_q: ``[..., L]`` parameters of ``q``.
+      mean_p, logvar_p: ``[..., L]`` parameters of ``p`` (broadcastable to ``q``'s).
+      axis: the latent axis, summed over.
+
+    Returns:
+      ``[...]``: one non-negative KL per example.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import diagonal_gaussian_kl
+      >>> diagonal_gaussian_kl(jnp.ones(2), jnp.zeros(2), jnp.ones(2), jnp.zeros(2))
+      Array(0., dtype=float32)
+    """
+    mean_q, logvar_q = _float_array("mean_q", mean_q), _float_array("logvar_q", logvar_q)
+    mean_p, logvar_p = _float_array("mean_p", mean_p), _float_array("logvar_p", logvar_p)
+    try:
+        shape = jnp.broadcast_shapes(mean_q.shape, logvar_q.shape, mean_p.shape, logvar_p.shape)
+    except ValueError as err:
+        raise ValueError(
+            "the Gaussians' parameters must broadcast together, got shapes "
+            f"{mean_q.shape}, {logvar_q.shape}, {mean_p.shape}, {logvar_p.shape}."
+        ) from err
+    axis = _check_axis("mean_q", axis, len(shape))
+    log_ratio = logvar_q - logvar_p  # log(var_q / var_p)
+    mahalanobis = jnp.square(mean_q - mean_p) * jnp.exp(-logvar_p)
+    per_dim = 0.5 * (jnp.expm1(log_ratio) - log_ratio + mahalanobis)
+    return jnp.sum(jnp.broadcast_to(per_dim, shape), axis=axis)
+
+
+def _check_event_ndim(event_ndim: int, ndim: int) -> tuple[int, ...]:
+    if not isinstance(event_ndim, int) or not 0 <= event_ndim <= ndim:
+        raise ValueError(f"event_ndim must be an int in [0, {ndim}], got {event_ndim!r}.")
+    return tuple(range(ndim - event_ndim, ndim))
+
+
+def bernoulli_log_likelihood(
+    logits: ArrayLike, x: ArrayLike, *, event_ndim: int = 1
+) -> jax.Array:
+    r"""``log p(x | logits)`` of independent Bernoullis, summed over the event axes.
+
+    .. math::
+        \log p(x) = \sum_d x_d \log\sigma(l_d) + (1 - x_d) \log\sigma(-l_d)
+
+    Computed from logits with ``log_sigmoid`` (``optax.sigmoid_binary_cross_entropy``),
+    so logits of any finite size are exact. ``x`` may hold grey levels in ``[0, 1]``
+    (the continuous relaxation) as well as binary values.
+
+    Args:
+      logits: ``[..., D1, ..., Dk]`` Bernoulli logits.
+      x: observations broadcastable to ``logits``, in ``[0, 1]``.
+      event_ndim: ``k``, how many trailing axes form one observation (``1`` for
+        flattened images ``[B, 784]``, ``3`` for ``[B, 28, 28, 1]``).
+
+    Returns:
+      ``[...]``: the log-likelihood per example (the event axes summed).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import bernoulli_log_likelihood
+      >>> bernoulli_log_likelihood(jnp.zeros((1, 2)), jnp.ones((1, 2)))
+      Array([-1.3862944], dtype=float32)
+    """
+    logits = _float_array("logits", logits)
+    x = jnp.asarray(x, dtype=logits.dtype)
+    try:
+        shape = jnp.broadcast_shapes(logits.shape, x.shape)
+    except ValueError as err:
+        raise ValueError(
+            f"x with shape {x.shape} does not broadcast with logits of shape {logits.shape}."
+        ) from err
+    axes = _check_event_ndim(event_ndim, len(shape))
+    logits, x = jnp.broadcast_to(logits, shape), jnp.broadcast_to(x, shape)
+    return -jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x), axis=axes)
+
+
+def gaussian_log_likelihood(
+    mean: ArrayLike, logvar: ArrayLike, x: ArrayLike, *, event_ndim: int = 1
+) -> jax.Array:
+    r"""``log N(x; mean, diag(exp(logvar)))``, summed over the event axes.
+
+    .. math::
+        \log p(x) = -\tfrac12 \sum_d \big(\log 2\pi + \log\sigma_d^2
+          + (x_d - \mu_d)^2 / \sigma_d^2\big)
+
+    Args:
+      mean: ``[..., D1, ..., Dk]`` means.
+      logvar: log-variances broadcastable to ``mean``.
+      x: observations broadcastable to ``mean``.
+      event_ndim: ``k``, how many trailing axes form one observation.
+
+    Returns:
+      ``[...]``: the log-density per example.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import gaussian_log_likelihood
+      >>> gaussian_log_likelihood(jnp.zeros(1), jnp.zeros(1), jnp.zeros(1))
+      Array(-0.9189385, dtype=float32)
+    """
+    mean = _float_array("mean", mean)
+    logvar = _float_array("logvar", logvar)
+    x = jnp.asarray(x, dtype=mean.dtype)
+    try:
+        shape = jnp.broadcast_shapes(mean.shape, logvar.shape, x.shape)
+    except ValueError as err:
+        raise ValueError(
+            f"mean {mean.shape}, logvar {logvar.shape} and x {x.shape} must broadcast together."
+        ) from err
+    axes = _check_event_ndim(event_ndim, len(shape))
+    per_dim = _LOG_2PI + logvar + jnp.square(x - mean) * jnp.exp(-logvar)
+    return -0.5 * jnp.sum(jnp.broadcast_to(per_dim, shape), axis=axes)
+
+
+class ELBOTerms(NamedTuple):
+    """The ELBO and its two terms, each ``[B]`` (one value per example).
+
+    ``elbo == reconstruction - beta * kl``.
+    """
+
+    elbo: jax.Array
+    reconstruction: jax.Array  # E_q[log p(x | z)], Monte-Carlo estimate
+    kl: jax.Array  # KL(q(z | x) || p(z)), analytic
+
+
+_LIKELIHOODS = ("bernoulli", "gaussian")
+
+Encoder = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+Decoder = Callable[[jax.Array], Any]
+
+
+def _log_likelihood(likelihood: str, decoded: Any, x: jax.Array, event_ndim: int) -> jax.Array:
+    if likelihood == "bernoulli":
+        return bernoulli_log_likelihood(decoded, x, event_ndim=event_ndim)
+    mean, logvar = decoded
+    return gaussian_log_likelihood(mean, logvar, x, event_ndim=event_ndim)
+
+
+def _check_vae_args(likelihood: str, num_samples: Any, name: str = "num_samples") -> None:
+    if likelihood not in _LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {_LIKELIHOODS}, got {likelihood!r}.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"{name} must be a positive int, got {num_samples!r}.")
+
+
+def elbo(
+    key: jax.Array,
+    x: ArrayLike,
+    encoder: Encoder,
+    decoder: Decoder,
+    *,
+    num_samples: int = 1,
+    beta: float = 1.0,
+    likelihood: str = "bernoulli",
+    event_ndim: int = 1,
+) -> ELBOTerms:
+    r"""The evidence lower bound per example, with its reconstruction and KL terms.
+
+    .. math::
+        \mathrm{ELBO}(x) = \mathbb{E}_{q(z|x)}[\log p(x|z)]
+          - \beta \, \mathrm{KL}\big(q(z|x) \,\|\, p(z)\big)
+
+    with ``q(z|x) = N(mean, exp(logvar))`` from the encoder, ``p(z) = N(0, I)``, the
+    expectation estimated with ``num_samples`` reparameterized samples and the KL
+    analytic. Note the KL's direction: posterior first, prior second.
+
+    Args:
+      key: a PRNG key for the samples.
+      x: ``[B, ...]`` observations (``event_ndim`` trailing axes each).
+      encoder: ``x -> (mean, logvar)``, each ``[B, L]``.
+      decoder: ``z -> logits`` (Bernoulli) or ``z -> (mean, logvar)`` (Gaussian), for
+        ``z`` of shape ``[S, B, L]``, returning arrays of shape ``[S, B, ...]``.
+      num_samples: ``S``, Monte-Carlo samples of ``z`` per example.
+      beta: weight of the KL term (1 for the true ELBO; Higgins et al.'s beta-VAE).
+      likelihood: ``"bernoulli"`` or ``"gaussian"``.
+      event_ndim: how many trailing axes of ``x`` form one observation.
+
+    Returns:
+      :class:`ELBOTerms` of ``[B]`` arrays: ``elbo``, ``reconstruction`` and ``kl``.
+      Maximise ``elbo``; the training loss is ``-elbo.mean()``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from kdvae.losses import elbo
+      >>> enc = lambda x: (jnp.zeros((x.shape[0], 2)), jnp.zeros((x.shape[0], 2)))
+      >>> dec = lambda z: jnp.zeros(z.shape[:-1] + (3,))
+      >>> elbo(jax.random.key(0), jnp.ones((4, 3)), enc, dec).elbo.shape
+      (4,)
+
+    References:
+      Kingma & Welling, *Auto-Encoding Variational Bayes*, 2014, eq. (10).
+      https://arxiv.org/abs/1312.6114
+    """
+    _check_vae_args(likelihood, num_samples)
+    x = jnp.asarray(x)
+    mean, logvar = encoder(x)
+    z = reparameterize(key, mean, logvar, num_samples=num_samples)  # [S, B, L]
+    log_px_z = _log_likelihood(likelihood, decoder(z), x, event_ndim)  # [S, B]
+    reconstruction = jnp.mean(log_px_z, axis=0)
+    kl = gaussian_kl(mean, logvar)
+    return ELBOTerms(elbo=reconstruction - beta * kl, reconstruction=reconstruction, kl=kl)
+
+
+def iwae_bound(
+    key: jax.Array,
+    x: ArrayLike,
+    encoder: Encoder,
+    decoder: Decoder,
+    *,
+    num_samples: int,
+    chunk_size: int | None = None,
+    likelihood: str = "bernoulli",
+    event_ndim: int = 1,
+) -> jax.Array:
+    r"""Burda et al.'s ``k``-sample importance-weighted lower bound on ``log p(x)``.
+
+    .. math::
+        \mathcal{L}_k(x) = \log \frac1k \sum_{i=1}^k
+          \frac{p(x | z_i)\, p(z_i)}{q(z_i | x)}, \quad z_i \sim q(z | x)
+
+    ``L_1`` is the ELBO (up to Monte-Carlo noise), ``L_k`` rises with ``k`` and tends to
+    ``log p(x)``, so with large ``k`` (5000 in Burda et al.) it estimates the
+    log-likelihood. The samples are evaluated ``chunk_size`` at a time (a ``lax.map``),
+    so memory is that of ``chunk_size`` decoder passes; sample ``i`` is drawn from
+    ``fold_in(key, i)``, so the result does not depend on ``chunk_size``.
+
+    Args:
+      key: a PRNG key.
+      x: ``[B, ...]`` observations.
+      encoder: ``x -> (mean, logvar)``, each ``[B, L]``.
+      decoder: as in :func:`elbo`, for ``z`` of shape ``[chunk, B, L]``.
+      num_samples: ``k >= 1``.
+      chunk_size: samples per decoder pass; ``None`` for all ``k`` at once.
+      likelihood: ``"bernoulli"`` or ``"gaussian"``.
+      event_ndim: how many trailing axes of ``x`` form one observation.
+
+    Returns:
+      ``[B]``: the bound per example, in nats.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from kdvae.losses import iwae_bound
+      >>> enc = lambda x: (jnp.zeros((x.shape[0], 2)), jnp.zeros((x.shape[0], 2)))
+      >>> dec = lambda z: jnp.zeros(z.shape[:-1] + (3,))
+      >>> iwae_bound(jax.random.key(0), jnp.ones((4, 3)), enc, dec, num_samples=8).shape
+      (4,)
+
+    References:
+      Burda, Grosse & Salakhutdinov, *Importance Weighted Autoencoders*, 2016, eq. (8).
+      https://arxiv.org/abs/1509.00519
+    """
+    _check_vae_args(likelihood, num_samples)
+    chunk = num_samples if chunk_size is None else chunk_size
+    _check_vae_args(likelihood, chunk, "chunk_size")
+    chunk = min(chunk, num_samples)
+    num_chunks = -(-num_samples // chunk)
+    x = jnp.asarray(x)
+    mean, logvar = encoder(x)
+    mean, logvar = _float_array("mean", mean), _float_array("logvar", logvar)
+    std = jnp.exp(0.5 * logvar)
+
+    def log_weights(chunk_index: jax.Array) -> jax.Array:  # [chunk, B]
+        index = chunk_index * chunk + jnp.arange(chunk)
+        eps = jax.vmap(
+            lambda i: jax.random.normal(jax.random.fold_in(key, i), mean.shape, mean.dtype)
+        )(index)
+        z = mean + std * eps
+        log_px_z = _log_likelihood(likelihood, decoder(z), x, event_ndim)
+        log_pz = -0.5 * jnp.sum(jnp.square(z) + _LOG_2PI, axis=-1)
+        log_qz = -0.5 * jnp.sum(jnp.square(eps) + _LOG_2PI + logvar, axis=-1)
+        log_w = log_px_z + log_pz - log_qz
+        return jnp.where((index < num_samples)[:, None], log_w, -jnp.inf)
+
+    log_w = jax.lax.map(log_weights, jnp.arange(num_chunks))  # [chunks, chunk, B]
+    log_w = log_w.reshape(num_chunks * chunk, -1)
+    return jax.nn.logsumexp(log_w, axis=0) - math.log(num_samples)
