@@ -1,0 +1,596 @@
+"""The one training core: compiled steps, the epoch loop, sharding, checkpoints.
+
+Every objective (classification, distillation, the VAE's ELBO) plugs into the same
+loop as a loss function
+
+    loss_fn(model, batch, key, context) -> (scalar loss, {name: scalar metric})
+
+where ``batch`` is a dict of arrays gathered from the device-resident dataset, ``key`` a
+PRNG key unique to the step, and ``context`` a pytree of extra inputs that are not
+trained (a frozen teacher's state, the epoch for a KL warm-up).
+
+Design:
+
+* One ``jax.jit`` region per step: gather the batch on the device, forward pass,
+  ``value_and_grad``, optimizer update, weight constraint, metric sums. The model and
+  optimizer travel as ``nnx.State`` (the functional ``split``/``merge`` pattern), with
+  their buffers donated.
+* The dataset lives on the device. Epoch ``e`` visits the training rows in the order
+  ``permutation(fold_in(key(seed), e))``, dropping the last partial batch, and step
+  ``i`` of it uses ``fold_in(fold_in(key(seed + 1), e), i)``: any step can be replayed,
+  which is what makes ``resume`` exact.
+* The batch axis is sharded over every device of a 1-D mesh named ``"data"``;
+  parameters and the dataset are replicated. On one device this is a no-op; with
+  several it is data-parallel (XLA inserts the gradient all-reduce).
+* Orbax checkpoints, written atomically at the end of every epoch (and on SIGINT or
+  SIGTERM mid-epoch), hold the model and optimizer state, the best model so far, and
+  the loop's position, metric sums and history as JSON. A non-finite loss or parameter
+  stops the run *before* anything is written, so the last good checkpoint survives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    "Checkpointer",
+    "ConfigMismatchError",
+    "FitResult",
+    "Interrupted",
+    "MetricsLog",
+    "NonFiniteError",
+    "Trainer",
+    "batched_apply",
+    "data_mesh",
+    "enable_compilation_cache",
+    "fit",
+    "stop_on_signals",
+]
+
+LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array, Any], tuple[jax.Array, dict]]
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or parameter; nothing was saved after it."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived; a checkpoint of the current step was written."""
+
+
+class ConfigMismatchError(ValueError):
+    """A checkpoint was written by a run with another configuration."""
+
+
+# ------------------------------------------------------------------ devices, caching
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
+    """Turn on JAX's persistent compilation cache (default ``~/.cache/kdvae/jax``).
+
+    The second run of a program then skips XLA compilation of every step it has seen.
+    """
+    path = path or os.environ.get("KDVAE_CACHE_DIR") or Path.home() / ".cache" / "kdvae" / "jax"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def data_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh over all devices (of every host), axis ``"data"``."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """Place a host array (the same on every process) onto ``sharding``; multi-host safe."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Copy every array of ``tree`` onto every device of ``mesh``."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+
+def check_batch_size(batch_size: int, num_examples: int, mesh: Mesh) -> None:
+    """``ValueError`` unless ``batch_size`` splits over the devices and fits the data."""
+    devices = mesh.devices.size
+    if batch_size < 1 or batch_size % devices:
+        raise ValueError(
+            f"batch size {batch_size} must be a positive multiple of the device count "
+            f"({devices}): each device takes batch_size / {devices} examples."
+        )
+    if batch_size > num_examples:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the training set ({num_examples} examples)."
+        )
+
+
+# ------------------------------------------------------------------------ the step
+
+
+class Trainer:
+    """A model, its optimizer and the compiled train step, in split (functional) form.
+
+    Args:
+      model: the NNX module to train (it may define ``constrain()``, called after each
+        update, e.g. a max-norm projection).
+      tx: the optax transformation.
+      loss_fn: ``(model, batch, key, context) -> (loss, metrics)``.
+      mesh: devices to shard the batch over; default all devices.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        tx: optax.GradientTransformation,
+        loss_fn: LossFn,
+        *,
+        mesh: Mesh | None = None,
+    ):
+        self.mesh = mesh or data_mesh()
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        self.graphdef, state = nnx.split((model, optimizer))
+        self.state = replicate(state, self.mesh)
+        self.loss_fn = loss_fn
+        self.step = jax.jit(self._make_step(), donate_argnums=(0, 1))
+
+    def _make_step(self):
+        graphdef, loss_fn = self.graphdef, self.loss_fn
+        batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+
+        def step(state, sums, data, order, index, epoch_key, context):
+            model, optimizer = nnx.merge(graphdef, state)
+            rows = jax.lax.with_sharding_constraint(order[index], batch_sharding)
+            batch = {
+                name: jax.lax.with_sharding_constraint(array[rows], batch_sharding)
+                for name, array in data.items()
+            }
+            key = jax.random.fold_in(epoch_key, index)
+
+            def loss(model):
+                return loss_fn(model, batch, key, context)
+
+            (value, metrics), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+            optimizer.update(model, grads)
+            if hasattr(model, "constrain"):
+                model.constrain()
+            metrics = {"loss": value, **metrics}
+            sums = {k: sums[k] + metrics[k].astype(jnp.float32) for k in sums}
+            return nnx.state((model, optimizer)), sums, value
+
+        return step
+
+    @property
+    def model(self) -> nnx.Module:
+        """The current model (a fresh view of the trained state)."""
+        return nnx.merge(self.graphdef, self.state)[0]
+
+    def model_state(self) -> nnx.State:
+        """The model's part of the state (without the optimizer)."""
+        return nnx.state(self.model)
+
+    def metric_names(self, data: Mapping[str, jax.Array], context: Any) -> tuple[str, ...]:
+        """Names of the metrics the step reports (shape-only evaluation, no compute)."""
+        model = self.model
+        batch = {k: jax.ShapeDtypeStruct((2, *v.shape[1:]), v.dtype) for k, v in data.items()}
+        out = nnx.eval_shape(
+            lambda m, b: self.loss_fn(m, b, jax.random.key(0), context), model, batch
+        )
+        return ("loss", *out[1].keys())
+
+
+def batched_apply(fn: Callable[[jax.Array], Any], x: jax.Array, *, batch_size: int = 1000) -> Any:
+    """``fn`` over ``x`` in chunks of ``batch_size`` rows (a ``lax.map``), concatenated.
+
+    ``x`` is padded to a multiple of ``batch_size`` and the padding dropped again, so
+    any ``N`` works; call it inside ``jax.jit``.
+    """
+    n = x.shape[0]
+    batch_size = min(batch_size, n)
+    chunks = -(-n // batch_size)
+    padded = jnp.pad(x, [(0, chunks * batch_size - n)] + [(0, 0)] * (x.ndim - 1))
+    out = jax.lax.map(fn, padded.reshape(chunks, batch_size, *x.shape[1:]))
+    return jax.tree.map(lambda y: y.reshape(chunks * batch_size, *y.shape[2:])[:n], out)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def _path_name(path: tuple) -> str:
+    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def _flatten(tree: Mapping) -> dict[str, Any]:
+    """``{"layers/0/kernel": array}`` from a nested pure dict (string keys for orbax)."""
+    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflatten_like(template: Mapping, flat: Mapping[str, Any]) -> Any:
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    keys = [
+        "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path) for path, _ in paths
+    ]
+    return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in keys])
+
+
+class Checkpointer:
+    """Atomic orbax checkpoints of one training stage, in ``directory``.
+
+    Each checkpoint holds ``state`` (model + optimizer), ``best`` (the model at the best
+    validation score so far) and ``meta`` (JSON: position, history, config). Orbax
+    writes to a temporary folder and renames it when complete, so a crash mid-write
+    leaves the previous checkpoint intact; the two newest are kept.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, read_only: bool = False):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=2,
+                enable_async_checkpointing=False,
+                create=not read_only,
+                read_only=read_only,
+                cleanup_tmp_directories=not read_only,
+            ),
+            item_names=("state", "best", "meta"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: nnx.State, best: nnx.State, meta: dict) -> None:
+        args = self._ocp.args
+        if step in self.manager.all_steps():
+            self.manager.delete(step)  # a replayed step (resume): same contents
+        self.manager.save(
+            step,
+            args=args.Composite(
+                state=args.StandardSave(_flatten(state.to_pure_dict())),
+                best=args.StandardSave(_flatten(best.to_pure_dict())),
+                meta=args.JsonSave(meta),
+            ),
+        )
+        self.manager.wait_until_finished()
+
+    def read_meta(self, step: int | None = None) -> dict | None:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        args = self._ocp.args
+        return self.manager.restore(step, args=args.Composite(meta=args.JsonRestore()))["meta"]
+
+    def restore(
+        self, templates: Mapping[str, nnx.State], step: int | None = None
+    ) -> tuple[dict[str, nnx.State], dict]:
+        """Restore the items named in ``templates`` (``"state"``, ``"best"``) like them."""
+        step = self.latest_step() if step is None else step
+        args = self._ocp.args
+
+        def target(tmpl: nnx.State):
+            return {
+                k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                for k, v in _flatten(tmpl.to_pure_dict()).items()
+            }
+
+        restore_args = {name: args.StandardRestore(target(t)) for name, t in templates.items()}
+        out = self.manager.restore(
+            step, args=args.Composite(meta=args.JsonRestore(), **restore_args)
+        )
+        states = {}
+        for name, tmpl in templates.items():
+            pure = _unflatten_like(tmpl.to_pure_dict(), out[name])
+            state = jax.tree.map(lambda x: x, tmpl)
+            nnx.replace_by_pure_dict(state, pure)
+            states[name] = state
+        return states, out["meta"]
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ----------------------------------------------------------------- metrics and signals
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per epoch and stage, appended as they finish."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def append(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate(self, stage: str, after_epoch: int) -> None:
+        """Drop rows of ``stage`` past ``after_epoch`` (written after the last checkpoint)."""
+        rows = [r for r in self.rows() if r.get("stage") != stage or r["epoch"] <= after_epoch]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(self.path)
+
+
+class _StopFlag:
+    def __init__(self):
+        self.signal: str | None = None
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[_StopFlag]:
+    """While active, SIGINT/SIGTERM set a flag (the loop finishes its step, saves, stops)."""
+    flag = _StopFlag()
+
+    def handler(signum, frame):
+        if flag.signal is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        flag.signal = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns: the best model's state, its epoch and scores."""
+
+    best_state: nnx.State
+    best_epoch: int
+    best_metrics: dict
+    history: list[dict]
+    seconds: float
+
+
+_NEVER_COMPARED = ("resume", "workdir", "data_dir", "progress", "teacher_checkpoint")
+
+
+def _check_config(saved: Mapping, current: Mapping, where: Path) -> None:
+    for key in sorted(set(saved) | set(current)):
+        if key in _NEVER_COMPARED:
+            continue
+        if saved.get(key) != current.get(key):
+            raise ConfigMismatchError(
+                f"cannot resume from {where}: it was written with {key}={saved.get(key)!r}, "
+                f"this run has {key}={current.get(key)!r}. Use the same settings, or "
+                "another --workdir to start afresh."
+            )
+
+
+def _progress_bar(total: int, initial: int, stage: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the examples extra brings tqdm; the core runs without it
+        return None
+    return tqdm(total=total, initial=initial, desc=stage, unit="step", dynamic_ncols=True)
+
+
+def fit(
+    trainer: Trainer,
+    data: Mapping[str, Any],
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    evaluate: Callable[[nnx.Module, int], dict[str, float]],
+    select: tuple[str, str] = ("val_accuracy", "max"),
+    context: Callable[[int], Any] | None = None,
+    checkpointer: Checkpointer | None = None,
+    config: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    log: MetricsLog | None = None,
+    stage: str = "train",
+    progress: bool = True,
+    check_every: int = 50,
+) -> FitResult:
+    """Train ``trainer`` for ``epochs`` epochs over ``data`` (the epoch loop).
+
+    Args:
+      trainer: the model, optimizer and compiled step.
+      data: ``{name: [N, ...] array}`` (host or device); batches are rows of each.
+      epochs: total epochs (a resumed run continues up to this number).
+      batch_size: global batch size, a multiple of the device count.
+      seed: the data order and step keys derive from it (see the module docstring).
+      evaluate: ``(model, epoch) -> {metric: float}`` after each epoch (validation).
+      select: ``(metric, "max" | "min")`` that picks the best epoch.
+      context: ``epoch -> pytree`` of extra step inputs (frozen teacher, warm-up).
+      checkpointer: where to checkpoint; ``None`` for none.
+      config: settings stored with the checkpoint; resuming compares them.
+      resume: continue from ``checkpointer``'s latest checkpoint, if any.
+      log: ``metrics.jsonl`` to append one row per epoch to.
+      stage: the name of this run in logs and progress bars.
+      progress: show a tqdm progress bar.
+      check_every: steps between non-finite checks and progress updates.
+
+    Returns:
+      :class:`FitResult` with the best model state (by ``select``).
+
+    Raises:
+      NonFiniteError: a loss or parameter became NaN or infinite (no checkpoint written).
+      Interrupted: SIGINT/SIGTERM; the current position was checkpointed first.
+      ConfigMismatchError: ``resume`` found a checkpoint of another configuration.
+    """
+    mesh = trainer.mesh
+    num_examples = len(next(iter(data.values())))
+    check_batch_size(batch_size, num_examples, mesh)
+    steps_per_epoch = num_examples // batch_size
+    data = replicate(dict(data), mesh)
+    context = context or (lambda epoch: None)
+    config = dict(config or {})
+    metric, mode = select
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+    names = trainer.metric_names(data, context(0))
+    order_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
+
+    # Where to start: fresh, or from the latest checkpoint.
+    start_epoch, start_step, sums_host = 0, 0, {k: 0.0 for k in names}
+    history: list[dict] = []
+    best_state = trainer.model_state()
+    best_epoch, best_metrics, seconds = 0, {}, 0.0
+    if checkpointer is not None and resume and checkpointer.latest_step() is not None:
+        _check_config(checkpointer.read_meta().get("config", {}), config, checkpointer.directory)
+        restored, meta = checkpointer.restore({"state": trainer.state, "best": best_state})
+        trainer.state, best_state = restored["state"], restored["best"]
+        start_epoch, start_step = meta["epoch"], meta["step"]
+        sums_host = meta["sums"]
+        history, seconds = meta["history"], meta["seconds"]
+        best_epoch, best_metrics = meta["best_epoch"], meta["best_metrics"]
+        if log is not None:
+            log.truncate(stage, after_epoch=start_epoch)
+
+    def save(epoch: int, step: int, sums: dict) -> None:
+        if checkpointer is None:
+            return
+        meta = dict(
+            epoch=epoch, step=step, sums=sums, history=history, seconds=seconds,
+            best_epoch=best_epoch, best_metrics=best_metrics, config=config,
+            complete=epoch >= epochs and step == 0,
+        )  # fmt: skip
+        checkpointer.save(epoch * steps_per_epoch + step, trainer.state, best_state, meta)
+
+    def first_bad(losses: list, epoch: int, first_step: int) -> None:
+        values = np.asarray(jnp.stack(losses))
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise NonFiniteError(
+                f"{stage}: the loss became {values[bad[0]]} at epoch {epoch + 1}, step "
+                f"{first_step + bad[0] + 1}; stopped without saving (the last good "
+                "checkpoint is kept)."
+            )
+
+    bar = _progress_bar(epochs * steps_per_epoch, start_epoch * steps_per_epoch + start_step,
+                        stage, progress)  # fmt: skip
+    order_key, step_key = jax.random.key(seed), jax.random.key(seed + 1)
+    try:
+        with stop_on_signals() as stop:
+            for epoch in range(start_epoch, epochs):
+                t0 = time.perf_counter()
+                perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), num_examples)
+                order = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+                order = jax.device_put(order, order_sharding)
+                epoch_key = jax.random.fold_in(step_key, epoch)
+                ctx = context(epoch)
+                sums = {k: jnp.float32(v) for k, v in sums_host.items()}
+                step0 = start_step if epoch == start_epoch else 0
+                window, window_start, tick = [], step0, t0
+                for i in range(step0, steps_per_epoch):
+                    trainer.state, sums, loss = trainer.step(
+                        trainer.state, sums, data, order, jnp.int32(i), epoch_key, ctx
+                    )
+                    window.append(loss)
+                    done = i + 1 == steps_per_epoch
+                    if len(window) == check_every or done or stop.signal:
+                        first_bad(window, epoch, window_start)
+                        if bar is not None:
+                            now = time.perf_counter()
+                            bar.update(len(window))
+                            postfix = {
+                                "epoch": f"{epoch + 1}/{epochs}",
+                                "loss": f"{float(sums['loss']) / (i + 1):.4f}",
+                            }
+                            if "accuracy" in sums:
+                                postfix["acc"] = f"{float(sums['accuracy']) / (i + 1):.3f}"
+                            postfix["samples/s"] = f"{len(window) * batch_size / (now - tick):.0f}"
+                            bar.set_postfix(postfix)
+                            tick = now
+                        window, window_start = [], i + 1
+                    if stop.signal and not done:
+                        seconds += time.perf_counter() - t0
+                        save(epoch, i + 1, {k: float(v) for k, v in sums.items()})
+                        raise Interrupted(
+                            f"{stage}: {stop.signal} at epoch {epoch + 1}, step {i + 1}; "
+                            "checkpoint written."
+                        )
+                if not bool(_all_finite(trainer.state)):
+                    raise NonFiniteError(
+                        f"{stage}: a parameter became non-finite in epoch {epoch + 1}; "
+                        "stopped without saving (the last good checkpoint is kept)."
+                    )
+                train_time = time.perf_counter() - t0
+                row = {"stage": stage, "epoch": epoch + 1}
+                row.update({f"train_{k}": float(v) / steps_per_epoch for k, v in sums.items()})
+                row.update(evaluate(trainer.model, epoch))
+                row["seconds"] = round(train_time, 3)
+                row["samples_per_s"] = round((steps_per_epoch - step0) * batch_size / train_time, 1)
+                seconds += time.perf_counter() - t0
+                history.append(row)
+                if metric in row and (
+                    not best_metrics or better(row[metric], best_metrics[metric])
+                ):
+                    best_epoch, best_metrics = epoch + 1, dict(row)
+                    best_state = jax.tree.map(jnp.copy, trainer.model_state())
+                sums_host = {k: 0.0 for k in names}
+                save(epoch + 1, 0, sums_host)
+                if log is not None:
+                    log.append(row)
+                if stop.signal:
+                    raise Interrupted(
+                        f"{stage}: {stop.signal} at the end of epoch {epoch + 1}; "
+                        "checkpoint written."
+                    )
+    finally:
+        if bar is not None:
+            bar.close()
+    if not best_metrics:  # the selection metric was never reported: keep the last model
+        best_state, best_epoch = trainer.model_state(), epochs
+        best_metrics = history[-1] if history else {}
+    return FitResult(best_state, best_epoch, best_metrics, history, seconds)
+
+
+def load_best_model(directory: str | os.PathLike, model: nnx.Module) -> tuple[nnx.Module, dict]:
+    """Restore the best model of a finished stage's checkpoints into ``model``'s shape.
+
+    Raises ``FileNotFoundError`` when there is no checkpoint at ``directory``.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder at {directory}")
+    ckpt = Checkpointer(directory, read_only=True)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    graphdef, state = nnx.split(model)
+    restored, meta = ckpt.restore({"best": state})
+    return nnx.merge(graphdef, restored["best"]), meta
