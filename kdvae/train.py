@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "Checkpointer",
+    "ConfigError",
     "ConfigMismatchError",
     "FitResult",
     "Interrupted",
@@ -73,7 +74,11 @@ class Interrupted(RuntimeError):
     """SIGINT or SIGTERM arrived; a checkpoint of the current step was written."""
 
 
-class ConfigMismatchError(ValueError):
+class ConfigError(ValueError):
+    """A setting is invalid or does not fit the data or checkpoint; the message says which."""
+
+
+class ConfigMismatchError(ConfigError):
     """A checkpoint was written by a run with another configuration."""
 
 
@@ -113,12 +118,12 @@ def check_batch_size(batch_size: int, num_examples: int, mesh: Mesh) -> None:
     """``ValueError`` unless ``batch_size`` splits over the devices and fits the data."""
     devices = mesh.devices.size
     if batch_size < 1 or batch_size % devices:
-        raise ValueError(
+        raise ConfigError(
             f"batch size {batch_size} must be a positive multiple of the device count "
             f"({devices}): each device takes batch_size / {devices} examples."
         )
     if batch_size > num_examples:
-        raise ValueError(
+        raise ConfigError(
             f"batch size {batch_size} is larger than the training set ({num_examples} examples)."
         )
 

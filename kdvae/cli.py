@@ -1,0 +1,90 @@
+"""Command-line plumbing shared by the examples: common flags, exit codes, messages.
+
+Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 3 training
+stopped on a non-finite loss or parameter (last good checkpoint kept); 130/143
+interrupted by SIGINT/SIGTERM after writing a checkpoint (rerun with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from kdvae import data as kdata
+from kdvae import train
+
+EXIT_USAGE, EXIT_NONFINITE = 2, 3
+
+
+def parser(doc: str | None, *, default_workdir: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every example shares."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--dataset", default="mnist", help=f"one of {', '.join(kdata.KNOWN_DATASETS)}")
+    p.add_argument("--data-dir", help="offline: a folder of the four MNIST-format IDX files")
+    p.add_argument("--workdir", default=default_workdir, help="where outputs and checkpoints go")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def int_list(text: str) -> list[int]:
+    """``"7,8"`` -> ``[7, 8]`` (for argparse)."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from err
+
+
+def setup() -> None:
+    """Process-wide settings: the persistent compilation cache."""
+    train.enable_compilation_cache()
+
+
+def check_workdir(workdir: Path, stages: Sequence[str], resume: bool) -> None:
+    """Refuse a workdir that cannot be written, or whose checkpoints a fresh run would
+    overwrite (a good checkpoint is never replaced without ``--resume``)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise train.ConfigError(f"--workdir {workdir} exists and is not a folder.")
+    ancestor = workdir
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise train.ConfigError(f"--workdir {workdir} is not writable ({ancestor}).")
+    if not resume:
+        used = [s for s in stages if (workdir / s / "checkpoints").is_dir()
+                and any((workdir / s / "checkpoints").iterdir())]  # fmt: skip
+        if used:
+            raise train.ConfigError(
+                f"--workdir {workdir} holds checkpoints of an earlier run ({', '.join(used)}); "
+                "pass --resume to continue it, or choose another --workdir."
+            )
+
+
+@contextlib.contextmanager
+def errors_exit() -> Iterator[None]:
+    """Turn the expected failures into one line on stderr and an exit status."""
+    prog = os.path.basename(sys.argv[0])
+    try:
+        yield
+    except (kdata.DataError, train.ConfigError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except train.NonFiniteError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
+    except train.Interrupted as err:
+        command = shlex.join([sys.executable, *sys.argv])
+        if "--resume" not in sys.argv:
+            command += " --resume"
+        print(f"{prog}: {err}\nTo continue: {command}", file=sys.stderr)
+        sys.exit(130 if "SIGINT" in str(err) else 143)
