@@ -48,7 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with cli.errors_exit():
-        cli.setup()
         config = distill.make_config(
             args.preset, dataset=args.dataset, data_dir=args.data_dir, workdir=args.workdir,
             seed=args.seed, teacher=args.teacher, teacher_epochs=args.teacher_epochs,
@@ -61,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume, progress=not args.no_progress,
         )  # fmt: skip
         cli.check_workdir(Path(config.workdir), ("teacher", "student", "distilled"), config.resume)
+        cli.setup()
         results = distill.run(config)
         print(distill.format_table(results))
         print(f"results, metrics, figures and checkpoints in {config.workdir}/")

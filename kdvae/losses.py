@@ -486,9 +486,7 @@ def _check_event_ndim(event_ndim: int, ndim: int) -> tuple[int, ...]:
     return tuple(range(ndim - event_ndim, ndim))
 
 
-def bernoulli_log_likelihood(
-    logits: ArrayLike, x: ArrayLike, *, event_ndim: int = 1
-) -> jax.Array:
+def bernoulli_log_likelihood(logits: ArrayLike, x: ArrayLike, *, event_ndim: int = 1) -> jax.Array:
     r"""``log p(x | logits)`` of independent Bernoullis, summed over the event axes.
 
     .. math::
