@@ -32,6 +32,8 @@ def parser(doc: str | None, *, default_workdir: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Hidden: the validation hold-out (the last N training rows), for small test data.
+    p.add_argument("--val-size", type=int, help=argparse.SUPPRESS)
     return p
 
 

@@ -10,6 +10,7 @@ command line over :func:`run`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -133,6 +134,7 @@ def _optimizer(config: DistillConfig, epochs: int, steps_per_epoch: int):
     return optax.adam(schedule)
 
 
+@functools.lru_cache(maxsize=16)
 def _predictor(graphdef: nnx.GraphDef):
     """A jitted ``(state, uint8 images [N, 28, 28, 1]) -> logits [N, C]``, in chunks."""
 

@@ -55,8 +55,10 @@ def _check_temperature(temperature: Any) -> None:
     if isinstance(temperature, jax.core.Tracer):
         return  # A traced temperature (e.g. a schedule) cannot be checked without cost.
     try:
+        if isinstance(temperature, (str, bytes)):
+            raise TypeError  # float("4") would accept it, and jnp would fail on it later
         value = float(temperature)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise TypeError(
             f"temperature must be a positive finite number, got {temperature!r}."
         ) from err
@@ -68,6 +70,8 @@ def _check_alpha(alpha: Any) -> None:
     if isinstance(alpha, jax.core.Tracer):
         return
     try:
+        if isinstance(alpha, (str, bytes)):
+            raise TypeError
         value = float(alpha)
     except (TypeError, ValueError) as err:
         raise TypeError(f"alpha must be a number in [0, 1], got {alpha!r}.") from err
@@ -475,9 +479,21 @@ def diagonal_gaussian_kl(
         ) from err
     axis = _check_axis("mean_q", axis, len(shape))
     log_ratio = logvar_q - logvar_p  # log(var_q / var_p)
-    mahalanobis = jnp.square(mean_q - mean_p) * jnp.exp(-logvar_p)
+    mahalanobis = _standardized_square(mean_q - mean_p, logvar_p)
     per_dim = 0.5 * (jnp.expm1(log_ratio) - log_ratio + mahalanobis)
     return jnp.sum(jnp.broadcast_to(per_dim, shape), axis=axis)
+
+
+def _standardized_square(diff: jax.Array, logvar: jax.Array) -> jax.Array:
+    """``diff**2 / exp(logvar)``, and exactly 0 where ``diff == 0`` at any ``logvar``.
+
+    Scaling ``diff`` by ``exp(-logvar / 2)`` before squaring overflows only below
+    ``logvar = -177`` in float32 (``exp(-logvar)`` does below -88); the ``where`` keeps
+    ``0 * inf`` from turning a zero residual under a vanishing variance into NaN, in
+    the value and in the gradient.
+    """
+    safe_logvar = jnp.where(diff == 0, 0.0, logvar)
+    return jnp.square(diff * jnp.exp(-0.5 * safe_logvar))
 
 
 def _check_event_ndim(event_ndim: int, ndim: int) -> tuple[int, ...]:
@@ -558,7 +574,7 @@ def gaussian_log_likelihood(
             f"mean {mean.shape}, logvar {logvar.shape} and x {x.shape} must broadcast together."
         ) from err
     axes = _check_event_ndim(event_ndim, len(shape))
-    per_dim = _LOG_2PI + logvar + jnp.square(x - mean) * jnp.exp(-logvar)
+    per_dim = _LOG_2PI + logvar + _standardized_square(x - mean, logvar)
     return -0.5 * jnp.sum(jnp.broadcast_to(per_dim, shape), axis=axes)
 
 
@@ -707,6 +723,10 @@ def iwae_bound(
     x = jnp.asarray(x)
     mean, logvar = encoder(x)
     mean, logvar = _float_array("mean", mean), _float_array("logvar", logvar)
+    if mean.shape != logvar.shape:
+        raise ValueError(
+            f"the encoder's mean and logvar must match, got {mean.shape} and {logvar.shape}."
+        )
     std = jnp.exp(0.5 * logvar)
 
     def log_weights(chunk_index: jax.Array) -> jax.Array:  # [chunk, B]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdvae import losses
+from kdvae import data, losses
 
 __all__ = [
     "classification_loss",
@@ -47,6 +47,11 @@ def jitter(key: jax.Array, x_BHWC: jax.Array, *, max_shift: int = 2) -> jax.Arra
         return jax.lax.dynamic_slice(image, (shift[0], shift[1], 0), (h, w, image.shape[-1]))
 
     return jax.vmap(crop)(padded, shifts)
+
+
+def binarize(key: jax.Array | None, images: jax.Array, *, dynamic: bool = True) -> jax.Array:
+    """uint8 images ``[B, 28, 28, 1]`` -> float32 0/1 ``[B, 784]`` (see :func:`data.binarize`)."""
+    return data.binarize(key, data.to_float(images), dynamic=dynamic)
 
 
 def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -170,15 +175,3 @@ def vae_objective(
         return loss, metrics
 
     return loss_fn
-
-
-def binarize(key: jax.Array | None, images: jax.Array, *, dynamic: bool = True) -> jax.Array:
-    """uint8 images ``[B, ...]`` -> float32 ``[B, 784]`` of 0/1.
-
-    ``dynamic``: a Bernoulli sample with the grey level as probability (Salakhutdinov &
-    Murray 2008, as in Burda et al.); else the fixed threshold ``> 0.5``.
-    """
-    x = to_unit_float(images).reshape(images.shape[0], -1)
-    if dynamic:
-        return jax.random.bernoulli(key, x).astype(jnp.float32)
-    return (x > 0.5).astype(jnp.float32)
