@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             cache_teacher=args.cache_teacher, teacher_checkpoint=args.teacher_checkpoint,
             omit_classes=tuple(args.omit_classes or ()),
             keep_classes=None if args.keep_classes is None else tuple(args.keep_classes),
-            resume=args.resume, progress=not args.no_progress,
+            val_size=args.val_size, resume=args.resume, progress=not args.no_progress,
         )  # fmt: skip
         cli.check_workdir(Path(config.workdir), ("teacher", "student", "distilled"), config.resume)
-        cli.setup()
+        cli.setup(args.distributed)
         results = distill.run(config)
         print(distill.format_table(results))
         print(f"results, metrics, figures and checkpoints in {config.workdir}/")

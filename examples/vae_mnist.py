@@ -49,11 +49,11 @@ def main(argv: list[str] | None = None) -> int:
             objective=args.objective, num_samples=args.num_samples, k=args.k,
             beta=args.beta, kl_warmup_epochs=args.kl_warmup_epochs,
             free_bits=args.free_bits, binarization=args.binarization, eval_k=args.eval_k,
-            eval_examples=args.eval_examples, resume=args.resume,
+            eval_examples=args.eval_examples, val_size=args.val_size, resume=args.resume,
             progress=not args.no_progress,
         )  # fmt: skip
         cli.check_workdir(Path(config.workdir), ("vae",), config.resume)
-        cli.setup()
+        cli.setup(args.distributed)
         results = vae.run(config)
         print(vae.format_table(results))
         print(f"results, metrics, figures and checkpoints in {config.workdir}/")

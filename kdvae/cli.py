@@ -32,6 +32,10 @@ def parser(doc: str | None, *, default_workdir: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--distributed", action="store_true",
+        help="multi-host: call jax.distributed.initialize() first (see README, Scaling out)",
+    )  # fmt: skip
     # Hidden: the validation hold-out (the last N training rows), for small test data.
     p.add_argument("--val-size", type=int, help=argparse.SUPPRESS)
     return p
@@ -47,8 +51,23 @@ def int_list(text: str) -> list[int]:
         ) from err
 
 
-def setup() -> None:
-    """Process-wide settings: the persistent compilation cache."""
+def setup(distributed: bool = False) -> None:
+    """Process-wide settings: the persistent compilation cache, multi-host start-up.
+
+    With ``distributed``, ``jax.distributed.initialize()`` joins the job: on SLURM,
+    Open MPI or Cloud TPU it finds its peers itself; elsewhere set
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``KDVAE_NUM_PROCESSES`` and
+    ``KDVAE_PROCESS_ID``.
+    """
+    if distributed:
+        import jax
+
+        env = os.environ
+        jax.distributed.initialize(
+            coordinator_address=env.get("JAX_COORDINATOR_ADDRESS"),
+            num_processes=int(env["KDVAE_NUM_PROCESSES"]) if "KDVAE_NUM_PROCESSES" in env else None,
+            process_id=int(env["KDVAE_PROCESS_ID"]) if "KDVAE_PROCESS_ID" in env else None,
+        )
     train.enable_compilation_cache()
 
 

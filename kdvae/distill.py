@@ -273,16 +273,11 @@ def run(config: DistillConfig, dataset: kdata.Dataset | None = None) -> dict[str
     Returns:
       The results dict also written to ``<workdir>/results.json``.
     """
-    from kdvae import plots
-
     workdir = Path(config.workdir)
     ds = dataset or kdata.load_dataset(
         config.dataset, data_dir=config.data_dir, val_size=config.val_size
     )
     workdir.mkdir(parents=True, exist_ok=True)
-    ds = dataset or kdata.load_dataset(
-        config.dataset, data_dir=config.data_dir, val_size=config.val_size
-    )
     log = train.MetricsLog(workdir / "metrics.jsonl")
     if not config.resume:
         log.path.unlink(missing_ok=True)
@@ -354,9 +349,16 @@ def run(config: DistillConfig, dataset: kdata.Dataset | None = None) -> dict[str
         }
     results["config"] = config.to_dict()
     results["devices"] = [str(d) for d in jax.devices()]
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    if jax.process_index() == 0:  # one writer in a multi-host run
+        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+        _figures(workdir, teacher, ds, log)
+    return results
 
-    # Figures.
+
+def _figures(workdir: Path, teacher: nnx.Module, ds: kdata.Dataset, log: train.MetricsLog):
+    """The temperature, dark-knowledge and training-curve figures."""
+    from kdvae import plots
+
     plots.temperature_figure(workdir / "temperature.png")
     index = int(np.flatnonzero(ds.test.labels == ds.test.labels[0])[0])
     teacher_logits = _logits(teacher, ds.test.images[index : index + 1])[0]
@@ -369,7 +371,6 @@ def run(config: DistillConfig, dataset: kdata.Dataset | None = None) -> dict[str
     )  # fmt: skip
     plots.training_curves(workdir / "training_curves.png", log.rows(),
                           keys=("train_loss", "val_accuracy"))  # fmt: skip
-    return results
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -111,7 +111,11 @@ def _put(x: Any, sharding: NamedSharding) -> jax.Array:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Copy every array of ``tree`` onto every device of ``mesh``."""
     sharding = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+    def put(x):
+        return jax.device_put(x, sharding) if isinstance(x, jax.Array) else _put(x, sharding)
+
+    return jax.tree.map(put, tree)
 
 
 def check_batch_size(batch_size: int, num_examples: int, mesh: Mesh) -> None:
@@ -340,11 +344,15 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def append(self, row: dict) -> None:
+        if jax.process_index() != 0:  # one writer in a multi-host run
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     def truncate(self, stage: str, after_epoch: int) -> None:
         """Drop rows of ``stage`` past ``after_epoch`` (written after the last checkpoint)."""
+        if jax.process_index() != 0:
+            return
         rows = [r for r in self.rows() if r.get("stage") != stage or r["epoch"] <= after_epoch]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -404,7 +412,7 @@ def _check_config(saved: Mapping, current: Mapping, where: Path) -> None:
 
 
 def _progress_bar(total: int, initial: int, stage: str, enabled: bool):
-    if not enabled:
+    if not enabled or jax.process_index() != 0:
         return None
     try:
         from tqdm.auto import tqdm

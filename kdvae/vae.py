@@ -169,8 +169,6 @@ def _elbo_fn(graphdef: nnx.GraphDef):
 
 def run(config: VAERunConfig, dataset: kdata.Dataset | None = None) -> dict[str, Any]:
     """Train, evaluate, and write ``results.json``, ``metrics.jsonl`` and figures."""
-    from kdvae import plots
-
     workdir = Path(config.workdir)
     ds = dataset or kdata.load_dataset(
         config.dataset, data_dir=config.data_dir, val_size=config.val_size
@@ -240,18 +238,26 @@ def run(config: VAERunConfig, dataset: kdata.Dataset | None = None) -> dict[str,
         "config": config.to_dict(),
         "devices": [str(d) for d in jax.devices()],
     }
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    if jax.process_index() == 0:  # one writer in a multi-host run
+        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+        _figures(workdir, best, ds, x_test, bounds["means"], log, config.seed)
+    return results
+
+
+def _figures(workdir, best, ds, x_test, means, log, seed) -> None:
+    """Samples, reconstructions, latent space, manifold (2-D) and training curves."""
+    from kdvae import plots
 
     # Figures: probabilities (sigmoid of the logits), never logits.
-    z = jax.random.normal(jax.random.key(config.seed + 3), (64, best.latents))
+    z = jax.random.normal(jax.random.key(seed + 3), (64, best.latents))
     plots.image_grid(workdir / "samples.png", np.asarray(jax.nn.sigmoid(best.decode(z))),
                      title="samples from the prior")  # fmt: skip
     originals = x_test[:16]
     recon = jax.nn.sigmoid(best.decode(best.encode(originals)[0]))
     plots.reconstructions_figure(workdir / "reconstructions.png", np.asarray(originals),
                                  np.asarray(recon), n=16)  # fmt: skip
-    labels = ds.test.labels[:n_eval]
-    plots.latent_scatter(workdir / "latents.png", bounds["means"], labels,
+    labels = ds.test.labels[: len(means)]
+    plots.latent_scatter(workdir / "latents.png", means, labels,
                          class_names=ds.class_names)  # fmt: skip
     if best.latents == 2:
         plots.manifold_figure(
@@ -262,7 +268,6 @@ def run(config: VAERunConfig, dataset: kdata.Dataset | None = None) -> dict[str,
         workdir / "training_curves.png", log.rows(),
         keys=("train_loss", "test_neg_elbo", "test_kl", "test_reconstruction"),
     )  # fmt: skip
-    return results
 
 
 def format_table(results: dict[str, Any]) -> str:
