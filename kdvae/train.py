@@ -481,7 +481,7 @@ def fit(
     # Where to start: fresh, or from the latest checkpoint.
     start_epoch, start_step, sums_host = 0, 0, {k: 0.0 for k in names}
     history: list[dict] = []
-    best_state = trainer.model_state()
+    best_state = jax.tree.map(jnp.copy, trainer.model_state())  # the step donates the state
     best_epoch, best_metrics, seconds = 0, {}, 0.0
     if checkpointer is not None and resume and checkpointer.latest_step() is not None:
         _check_config(checkpointer.read_meta().get("config", {}), config, checkpointer.directory)
