@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,11 +22,16 @@ from kdvae import train
 EXIT_USAGE, EXIT_NONFINITE = 2, 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags: one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser(doc: str | None, *, default_workdir: str) -> argparse.ArgumentParser:
     """An argument parser with the flags every example shares."""
-    p = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist", help=f"one of {', '.join(kdata.KNOWN_DATASETS)}")
     p.add_argument("--data-dir", help="offline: a folder of the four MNIST-format IDX files")
     p.add_argument("--workdir", default=default_workdir, help="where outputs and checkpoints go")
@@ -79,6 +85,10 @@ def check_workdir(workdir: Path, stages: Sequence[str], resume: bool) -> None:
     ancestor = workdir
     while not ancestor.exists():
         ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise train.ConfigError(
+            f"--workdir {workdir} cannot be created: {ancestor} is a file, not a folder."
+        )
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise train.ConfigError(f"--workdir {workdir} is not writable ({ancestor}).")
     if not resume:
@@ -91,10 +101,23 @@ def check_workdir(workdir: Path, stages: Sequence[str], resume: bool) -> None:
             )
 
 
+def _interrupt_now(signum, frame):
+    raise train.Interrupted(
+        f"{signal.Signals(signum).name} outside a training loop; every checkpoint written "
+        "so far is complete."
+    )
+
+
 @contextlib.contextmanager
 def errors_exit() -> Iterator[None]:
-    """Turn the expected failures into one line on stderr and an exit status."""
+    """Turn the expected failures into one line on stderr and an exit status.
+
+    SIGINT and SIGTERM also end the run with 130 and 143 and the command that resumes
+    it: inside :func:`kdvae.train.fit` after the current step and a checkpoint, anywhere
+    else (loading data, between stages, final evaluation) at once.
+    """
     prog = os.path.basename(sys.argv[0])
+    previous = {s: signal.signal(s, _interrupt_now) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     except (kdata.DataError, train.ConfigError, FileNotFoundError) as err:
@@ -109,3 +132,6 @@ def errors_exit() -> Iterator[None]:
             command += " --resume"
         print(f"{prog}: {err}\nTo continue: {command}", file=sys.stderr)
         sys.exit(130 if "SIGINT" in str(err) else 143)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

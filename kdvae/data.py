@@ -212,6 +212,8 @@ def load_idx_folder(folder: str | os.PathLike) -> tuple[Split, Split]:
     """
     folder = Path(folder)
     expected = ", ".join(f"{stem}[.gz]" for pair in _IDX_FILES for stem in pair)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"data directory {folder} is a file, not a folder holding {expected}")
     if not folder.is_dir():
         raise DataError(f"data directory {folder} does not exist; it should hold {expected}")
     paths = {stem: _find_idx(folder, stem) for pair in _IDX_FILES for stem in pair}

@@ -124,6 +124,8 @@ def _validate(c: DistillConfig) -> None:
         )
     if c.soft_loss not in ("kl", "ce"):
         raise train.ConfigError(f"--soft-loss must be 'kl' or 'ce', got {c.soft_loss!r}.")
+    if c.val_size < 1:  # the best epoch and the bias shift are chosen on it
+        raise train.ConfigError(f"--val-size must be >= 1, got {c.val_size}.")
 
 
 # ----------------------------------------------------------------------- helpers
@@ -171,7 +173,8 @@ def _summary(model, ds: kdata.Dataset, result: train.FitResult | None, seconds: 
 
 def _make_model(preset: str, seed: int, stage: int) -> nnx.Module:
     key = jax.random.fold_in(jax.random.key(seed), stage)
-    return models.make_classifier(models.CLASSIFIER_PRESETS[preset], rngs=nnx.Rngs(key))
+    config = models.CLASSIFIER_PRESETS[preset]
+    return models.build(lambda rngs: models.make_classifier(config, rngs=rngs), key)
 
 
 def _train_stage(
@@ -216,7 +219,8 @@ def load_teacher(path: str | Path, preset: str) -> nnx.Module:
     Raises ``ValueError`` when the checkpoint's architecture differs from ``preset``'s,
     ``FileNotFoundError`` when there is no checkpoint.
     """
-    expected = models.CLASSIFIER_PRESETS[preset].to_dict()
+    # As the checkpoint's JSON holds it: the widths tuple comes back as a list.
+    expected = json.loads(json.dumps(models.CLASSIFIER_PRESETS[preset].to_dict()))
     meta = train.Checkpointer(path, read_only=True).read_meta() if Path(path).is_dir() else None
     if meta is None:
         raise FileNotFoundError(f"--teacher-checkpoint: no checkpoint found at {path}")
@@ -277,17 +281,27 @@ def run(config: DistillConfig, dataset: kdata.Dataset | None = None) -> dict[str
     ds = dataset or kdata.load_dataset(
         config.dataset, data_dir=config.data_dir, val_size=config.val_size
     )
+    # The transfer set: the training split, less any omitted classes.
+    transfer = kdata.filter_classes(ds.train, omit=config.omit_classes, keep=config.keep_classes)
+    # Every check that can fail before the first file is written.
+    mesh = train.data_mesh()
+    if not config.teacher_checkpoint:
+        train.check_batch_size(config.batch_size, len(ds.train), mesh)
+    train.check_batch_size(config.batch_size, len(transfer), mesh)
+    t0 = time.perf_counter()
+    if config.teacher_checkpoint:
+        teacher = load_teacher(config.teacher_checkpoint, config.teacher)
     workdir.mkdir(parents=True, exist_ok=True)
     log = train.MetricsLog(workdir / "metrics.jsonl")
     if not config.resume:
         log.path.unlink(missing_ok=True)
-    common = {k: config.to_dict()[k] for k in ("dataset", "seed", "batch_size", "learning_rate")}
+    # Every stage stores the whole configuration: resuming with any other setting is refused.
+    common = config.to_dict()
     results: dict[str, Any] = {}
 
     # 1. The teacher: trained here, or loaded from --teacher-checkpoint.
-    t0 = time.perf_counter()
     if config.teacher_checkpoint:
-        teacher, fit_t = load_teacher(config.teacher_checkpoint, config.teacher), None
+        fit_t = None
     else:
         teacher, fit_t = _train_stage(
             "teacher", 0, config.teacher,
@@ -299,8 +313,6 @@ def run(config: DistillConfig, dataset: kdata.Dataset | None = None) -> dict[str
         )  # fmt: skip
     results["teacher"] = _summary(teacher, ds, fit_t, time.perf_counter() - t0)
 
-    # The transfer set: the training split, less any omitted classes.
-    transfer = kdata.filter_classes(ds.train, omit=config.omit_classes, keep=config.keep_classes)
     transfer_data = {"images": transfer.images, "labels": transfer.labels}
     unseen = sorted(set(range(ds.num_classes)) - set(np.unique(transfer.labels).tolist()))
     stage_common = {

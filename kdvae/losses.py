@@ -115,9 +115,9 @@ def tempered_log_softmax(
     .. math::
         \log S_T(z)_i = z_i / T - \log \sum_j \exp(z_j / T)
 
-    The largest unmasked logit is subtracted before dividing by ``T < 1`` and after
-    dividing by ``T >= 1``, so logits up to the float32 maximum do not overflow. Masked (``where=False``) and
-    ``-inf`` classes get ``-inf``.
+    The largest unmasked logit is subtracted from the (halved) logits before dividing
+    by ``T``, so logits up to the float32 maximum do not overflow, at any temperature.
+    Masked (``where=False``) and ``-inf`` classes get ``-inf``.
 
     Args:
       logits: ``[..., C, ...]`` unnormalised log-probabilities, classes along ``axis``.
@@ -143,15 +143,31 @@ def tempered_log_softmax(
     logits = _float_array("logits", logits)
     axis = _check_axis("logits", axis, logits.ndim)
     where = _check_where(where, logits.shape)
+    scaled, log_normalizer, _ = _shifted_logits(logits, temperature, axis, where)
+    out = scaled - log_normalizer
+    return out if where is None else jnp.where(where, out, -jnp.inf)
+
+
+def _shifted_logits(
+    logits: jax.Array, temperature: Any, axis: int, where: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(z - max z) / T`` (masked classes ``-inf``), its log-sum-exp, and ``max z``.
+
+    Halving before subtracting keeps ``z - max z`` from overflowing (it can reach twice
+    the float32 maximum) and is exact, so the largest visible entry is exactly 0 (also
+    when the compiler fuses the subtraction into an FMA) and every other one is <= 0:
+    the sum of exponentials lies in ``[1, C]``, with no second max-shift needed (as in
+    ``jax.nn.log_softmax``), at any temperature, traced or not.
+    """
     visible = logits if where is None else jnp.where(where, logits, -jnp.inf)
     shift = jnp.max(visible, axis=axis, keepdims=True)
     shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
-    if isinstance(temperature, jax.core.Tracer) or temperature < 1.0:
-        scaled = (logits - shift) / temperature  # subtract first: z / T could overflow
-    else:
-        scaled = logits / temperature - shift / temperature  # divide first: z - max could
-    out = jax.nn.log_softmax(scaled, axis=axis, where=where)
-    return out if where is None else jnp.where(where, out, -jnp.inf)
+    scaled = _shift_and_scale(visible, shift, temperature)
+    return scaled, jnp.log(jnp.sum(jnp.exp(scaled), axis=axis, keepdims=True)), shift
+
+
+def _shift_and_scale(logits: jax.Array, shift: jax.Array, temperature: Any) -> jax.Array:
+    return (0.5 * logits - 0.5 * shift) / (0.5 * temperature)
 
 
 def tempered_softmax(
@@ -234,14 +250,23 @@ def tempered_cross_entropy(
     References:
       Hinton, Vinyals & Dean, 2015, section 2. https://arxiv.org/abs/1503.02531
     """
+    _check_temperature(temperature)
     logits = _float_array("logits", logits)
     axis = _check_axis("logits", axis, logits.ndim)
     labels = jnp.asarray(labels)
-    log_p = tempered_log_softmax(logits, temperature=temperature, axis=axis, where=where)
     if jnp.issubdtype(labels.dtype, jnp.integer):
         labels = _integer_labels(labels, logits.shape, axis)
-        picked = jnp.take_along_axis(log_p, jnp.expand_dims(labels, axis), axis=axis)
-        return -jnp.squeeze(picked, axis)
+        # As optax does: pick the label's logit from the input and scale only that one,
+        # rather than form every log-probability and pick one (measurably faster).
+        where = _check_where(where, logits.shape)
+        _, log_normalizer, shift = _shifted_logits(logits, temperature, axis, where)
+        index = jnp.expand_dims(labels, axis)
+        picked = jnp.take_along_axis(logits, index, axis=axis)
+        if where is not None:  # a masked class has probability 0
+            picked = jnp.where(jnp.take_along_axis(where, index, axis=axis), picked, -jnp.inf)
+        picked = _shift_and_scale(picked, shift, temperature)
+        return jnp.squeeze(log_normalizer - picked, axis)
+    log_p = tempered_log_softmax(logits, temperature=temperature, axis=axis, where=where)
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         raise TypeError(f"labels must be integer indices or probabilities, got {labels.dtype}.")
     if labels.shape != logits.shape:
@@ -252,9 +277,12 @@ def tempered_cross_entropy(
 
 
 def _sum_plogq(p: jax.Array, log_q: jax.Array, axis: int) -> jax.Array:
-    """``sum_i p_i log q_i`` with ``0 * log 0 = 0``, NaN-free in value and gradient."""
-    support = p > 0
-    return jnp.sum(jnp.where(support, p * jnp.where(support, log_q, 0.0), 0.0), axis=axis)
+    """``sum_i p_i log q_i`` with ``0 * log 0 = 0``, NaN-free in value and gradient.
+
+    One ``where`` is enough: it zeroes ``log q`` (which may be ``-inf`` or NaN) off the
+    support of ``p``, so neither the product nor its gradients see ``0 * inf``.
+    """
+    return jnp.sum(p * jnp.where(p > 0, log_q, 0.0), axis=axis)
 
 
 # ------------------------------------------------------------------- distillation
@@ -348,9 +376,12 @@ def distillation_loss(
     log_p_t = tempered_log_softmax(teacher, temperature=temperature, axis=axis, where=where)
     log_p_s = tempered_log_softmax(student, temperature=temperature, axis=axis, where=where)
     p_t = jnp.exp(log_p_t)
-    soft = -_sum_plogq(p_t, log_p_s, axis)
     if soft_loss == "kl":
-        soft = soft + _sum_plogq(p_t, log_p_t, axis)  # minus the teacher's entropy
+        # One sum of p_t (log p_t - log p_s), not a difference of two cross-entropies:
+        # T**2 magnifies the float32 rounding of the latter at large T.
+        soft = _sum_plogq(p_t, log_p_t - log_p_s, axis)
+    else:
+        soft = -_sum_plogq(p_t, log_p_s, axis)
     if scale_by_temperature_squared:
         soft = soft * temperature**2
     if labels is None:

@@ -89,11 +89,17 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
     """Turn on JAX's persistent compilation cache (default ``~/.cache/kdvae/jax``).
 
     The second run of a program then skips XLA compilation of every step it has seen.
+    Effective even when called after JAX has compiled something in this process.
     """
+    from jax.experimental.compilation_cache import compilation_cache
+
     path = path or os.environ.get("KDVAE_CACHE_DIR") or Path.home() / ".cache" / "kdvae" / "jax"
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # JAX decides once per process, at the first compilation, whether to use the cache;
+    # without a reset a later call would silently change nothing.
+    compilation_cache.reset_cache()
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
@@ -213,7 +219,7 @@ def batched_apply(fn: Callable[[jax.Array], Any], x: jax.Array, *, batch_size: i
     any ``N`` works; call it inside ``jax.jit``.
     """
     n = x.shape[0]
-    batch_size = min(batch_size, n)
+    batch_size = max(1, min(batch_size, n))  # n = 0: zero chunks, an empty result
     chunks = -(-n // batch_size)
     padded = jnp.pad(x, [(0, chunks * batch_size - n)] + [(0, 0)] * (x.ndim - 1))
     out = jax.lax.map(fn, padded.reshape(chunks, batch_size, *x.shape[1:]))
@@ -286,8 +292,8 @@ class Checkpointer:
         self.manager.save(
             step,
             args=args.Composite(
-                state=args.StandardSave(_flatten(state.to_pure_dict())),
-                best=args.StandardSave(_flatten(best.to_pure_dict())),
+                state=args.StandardSave(_flatten(nnx.to_pure_dict(state))),
+                best=args.StandardSave(_flatten(nnx.to_pure_dict(best))),
                 meta=args.JsonSave(meta),
             ),
         )
@@ -310,7 +316,7 @@ class Checkpointer:
         def target(tmpl: nnx.State):
             return {
                 k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
-                for k, v in _flatten(tmpl.to_pure_dict()).items()
+                for k, v in _flatten(nnx.to_pure_dict(tmpl)).items()
             }
 
         restore_args = {name: args.StandardRestore(target(t)) for name, t in templates.items()}
@@ -319,7 +325,7 @@ class Checkpointer:
         )
         states = {}
         for name, tmpl in templates.items():
-            pure = _unflatten_like(tmpl.to_pure_dict(), out[name])
+            pure = _unflatten_like(nnx.to_pure_dict(tmpl), out[name])
             state = jax.tree.map(lambda x: x, tmpl)
             nnx.replace_by_pure_dict(state, pure)
             states[name] = state
@@ -341,7 +347,16 @@ class MetricsLog:
     def rows(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i + 1 < len(lines):
+                    raise
+                # The last row was cut short by a crash; no checkpoint covers it.
+        return rows
 
     def append(self, row: dict) -> None:
         if jax.process_index() != 0:  # one writer in a multi-host run
@@ -399,14 +414,18 @@ class FitResult:
 _NEVER_COMPARED = ("resume", "workdir", "data_dir", "progress", "teacher_checkpoint")
 
 
-def _check_config(saved: Mapping, current: Mapping, where: Path) -> None:
+def _check_config(saved: Mapping, current: Mapping, where: Path, prefix: str = "") -> None:
+    """``ConfigMismatchError`` naming the first setting (``model.latents``) that differs."""
     for key in sorted(set(saved) | set(current)):
-        if key in _NEVER_COMPARED:
+        if not prefix and key in _NEVER_COMPARED:
             continue
-        if saved.get(key) != current.get(key):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            _check_config(old, new, where, f"{prefix}{key}.")
+        elif old != new:
             raise ConfigMismatchError(
-                f"cannot resume from {where}: it was written with {key}={saved.get(key)!r}, "
-                f"this run has {key}={current.get(key)!r}. Use the same settings, or "
+                f"cannot resume from {where}: it was written with {prefix}{key}={old!r}, "
+                f"this run has {prefix}{key}={new!r}. Use the same settings, or "
                 "another --workdir to start afresh."
             )
 
@@ -472,7 +491,7 @@ def fit(
     steps_per_epoch = num_examples // batch_size
     data = replicate(dict(data), mesh)
     context = context or (lambda epoch: None)
-    config = dict(config or {})
+    config = json.loads(json.dumps(dict(config or {})))  # as stored: tuples become lists
     metric, mode = select
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     names = trainer.metric_names(data, context(0))
@@ -491,8 +510,8 @@ def fit(
         sums_host = meta["sums"]
         history, seconds = meta["history"], meta["seconds"]
         best_epoch, best_metrics = meta["best_epoch"], meta["best_metrics"]
-        if log is not None:
-            log.truncate(stage, after_epoch=start_epoch)
+    if log is not None and resume:  # rows past the checkpoint (or all, if none) go
+        log.truncate(stage, after_epoch=start_epoch)
 
     def save(epoch: int, step: int, sums: dict) -> None:
         if checkpointer is None:
@@ -576,9 +595,9 @@ def fit(
                     best_epoch, best_metrics = epoch + 1, dict(row)
                     best_state = jax.tree.map(jnp.copy, trainer.model_state())
                 sums_host = {k: 0.0 for k in names}
-                save(epoch + 1, 0, sums_host)
-                if log is not None:
+                if log is not None:  # before the checkpoint: a resume truncates it, if need be
                     log.append(row)
+                save(epoch + 1, 0, sums_host)
                 if stop.signal:
                     raise Interrupted(
                         f"{stage}: {stop.signal} at the end of epoch {epoch + 1}; "

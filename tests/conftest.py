@@ -1,0 +1,76 @@
+"""Shared test fixtures: small, learnable MNIST-shaped data, in memory and as IDX files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
+from test_data import write_idx  # pytest puts tests/ on sys.path (rootdir conftest)
+
+from kdvae import train
+
+# Each class k lights a 7x7 block at its own place on a 3x4 grid of a 28x28 image.
+_BLOCK = 7
+
+
+def class_patterns(n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` images uint8 ``[n, 28, 28, 1]`` and labels int32 ``[n]``, learnable in a few steps.
+
+    Class ``k`` is a bright 7x7 block at grid cell ``k`` (3 rows x 4 columns) over dim
+    uniform noise; every class appears ``n // 10`` or ``n // 10 + 1`` times, in random order.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % 10).astype(np.int32)
+    images = rng.integers(0, 64, size=(n, 28, 28), dtype=np.uint8)
+    for k in range(10):
+        r, c = 9 * (k // 4), _BLOCK * (k % 4)
+        rows = labels == k
+        images[rows, r : r + _BLOCK, c : c + _BLOCK] = rng.integers(
+            192, 256, size=(int(rows.sum()), _BLOCK, _BLOCK), dtype=np.uint8
+        )
+    return images[..., None], labels
+
+
+@pytest.fixture(scope="session")
+def tiny_idx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of the four MNIST IDX files: 800 training and 200 test images.
+
+    With ``val_size=200`` that is 600 train, 200 validation and 200 test examples.
+    Treat it as read-only: it is shared by the whole session.
+    """
+    folder = tmp_path_factory.mktemp("tiny_idx")
+    for prefix, n, seed in (("train", 800, 1), ("t10k", 200, 2)):
+        images, labels = class_patterns(n, seed=seed)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images[..., 0])
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+    return folder
+
+
+_CACHE_SETTINGS = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+)
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory: pytest.TempPathFactory):
+    """JAX's persistent compilation cache in a temporary folder, for one test module.
+
+    Every ``Trainer`` jits a new closure, so a module that builds many of them compiles
+    the same step again and again; with the cache the repeats are disk reads. The
+    settings (and ``KDVAE_CACHE_DIR``) are restored afterwards. Use it through
+    ``pytestmark = pytest.mark.usefixtures("compilation_cache")``.
+    """
+    before = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
+    with pytest.MonkeyPatch.context() as patch:
+        # Also where cli.setup() (the examples' main) and subprocesses look.
+        patch.setenv("KDVAE_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        train.enable_compilation_cache()
+        yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+    jax_cache.reset_cache()

@@ -1,0 +1,290 @@
+"""Smoke tests of the two examples, end to end on a tiny IDX folder (and TFDS's mock).
+
+``main(argv)`` is called in process (fast: the compilation cache fixture shares the
+compiled steps between runs); one test runs a script as a subprocess for its exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data import mock_tfds
+
+from kdvae import data as kdata
+from kdvae import train
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+REPO = Path(__file__).resolve().parent.parent
+PNG = b"\x89PNG\r\n\x1a\n"
+STAGES = ("teacher", "student", "distilled")
+TINY = ["--val-size", "200", "--batch-size", "32", "--no-progress"]  # 600/200/200 examples
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"examples_{name}", REPO / "examples" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def distill_example():
+    return load_example("distill_mnist")
+
+
+@pytest.fixture(scope="module")
+def vae_example():
+    return load_example("vae_mnist")
+
+
+def run_main(example, argv: list[str]) -> str:
+    """``example.main(argv)``; its stdout. A failure shows what it printed on stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = example.main([str(a) for a in argv])
+        except SystemExit as exit:
+            raise AssertionError(f"exit {exit.code}: {err.getvalue()}") from None
+    assert status == 0
+    return out.getvalue()
+
+
+def exit_code(example, argv: list[str]) -> tuple[int, str]:
+    """The exit status of ``example.main(argv)`` that fails, and its stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as excinfo:
+        example.main([str(a) for a in argv])
+    return excinfo.value.code, err.getvalue()
+
+
+def read_results(workdir: Path) -> dict:
+    return json.loads((workdir / "results.json").read_text())
+
+
+def metrics_rows(workdir: Path) -> list[dict]:
+    return train.MetricsLog(workdir / "metrics.jsonl").rows()
+
+
+def assert_pngs(workdir: Path, names) -> None:
+    for name in names:
+        assert (workdir / name).read_bytes()[:8] == PNG, name
+
+
+def without(results: dict, *keys: str) -> dict:
+    """``results`` less the wall-clock times and the given config keys (for comparisons)."""
+    out = {}
+    for name, value in results.items():
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in ("seconds", *keys)}
+        out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------- distillation
+
+
+@pytest.fixture(scope="module")
+def distill_run(distill_example, tiny_idx_dir, tmp_path_factory):
+    """One run of the three stages, one epoch each; shared (read-only) by the tests."""
+    workdir = tmp_path_factory.mktemp("distill") / "run"
+    argv = ["--data-dir", tiny_idx_dir, "--workdir", workdir, *TINY,
+            "--teacher-epochs", 1, "--student-epochs", 1]  # fmt: skip
+    stdout = run_main(distill_example, argv)
+    return workdir, argv, stdout
+
+
+def test_distill_writes_results_metrics_figures_checkpoints(distill_run, tiny_idx_dir):
+    workdir, _, stdout = distill_run
+    results = read_results(workdir)
+    for stage in STAGES:
+        r = results[stage]
+        assert {"test_errors", "test_accuracy", "val_accuracy", "params", "seconds"} <= set(r)
+        assert r["test_accuracy"] == 1 - r["test_errors"] / 200
+        assert r["test_accuracy"] > 0.5 and r["val_accuracy"] > 0.5  # chance is 0.1
+        assert r["best_epoch"] == 1
+        assert stage in stdout
+    assert results["student"]["params"] == results["distilled"]["params"] == 1_276_810
+    assert results["teacher"]["params"] == 421_642  # the quick preset's CNN teacher
+    assert results["teacher_margin_errors"] == (
+        results["student"]["test_errors"] - results["teacher"]["test_errors"]
+    )
+    assert "unseen" not in results
+    config = results["config"]
+    assert config["data_dir"] == str(tiny_idx_dir) and config["val_size"] == 200
+    assert (config["teacher_epochs"], config["student_epochs"], config["batch_size"]) == (1, 1, 32)
+    assert (config["preset"], config["teacher"]) == ("quick", "cnn_teacher")
+
+    rows = metrics_rows(workdir)
+    assert [(r["stage"], r["epoch"]) for r in rows] == [(s, 1) for s in STAGES]
+    for row in rows:
+        assert {"train_loss", "train_accuracy", "val_accuracy"} <= set(row)
+        assert np.isfinite(row["train_loss"])
+    assert "train_agreement" in rows[2]  # the distilled student's agreement with its teacher
+    assert_pngs(workdir, ("temperature.png", "dark_knowledge.png", "training_curves.png"))
+    steps = 600 // 32
+    for stage in STAGES:
+        ckpt = train.Checkpointer(workdir / stage / "checkpoints", read_only=True)
+        assert ckpt.latest_step() == steps and ckpt.read_meta()["complete"]
+
+
+def test_distill_refuses_to_overwrite_a_run(distill_example, distill_run):
+    _, argv, _ = distill_run
+    code, err = exit_code(distill_example, argv)  # the same workdir, without --resume
+    assert code == 2 and "--resume" in err and err.count("\n") == 1
+
+
+def test_distill_resume_of_a_finished_run_trains_nothing(
+    distill_example, distill_run, tmp_path, monkeypatch
+):
+    workdir, argv, _ = distill_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    argv = [copy if a == workdir else a for a in argv]
+
+    def no_step(self):
+        def step(*args):
+            raise AssertionError("a finished run was trained again")
+
+        return step
+
+    monkeypatch.setattr(train.Trainer, "_make_step", no_step)
+    run_main(distill_example, [*argv, "--resume"])
+    ignore = ("resume", "workdir")
+    assert without(read_results(copy), *ignore) == without(read_results(workdir), *ignore)
+    assert read_results(copy)["config"]["resume"] is True
+    assert metrics_rows(copy) == metrics_rows(workdir)
+
+
+def test_distill_reuses_a_teacher_checkpoint(distill_example, distill_run, tmp_path):
+    workdir, argv, _ = distill_run
+    base = read_results(workdir)
+    other = tmp_path / "reuse"
+    argv = [other if a == workdir else a for a in argv]
+    run_main(distill_example, [*argv, "--teacher-checkpoint", workdir / "teacher" / "checkpoints"])
+    results = read_results(other)
+    assert results["teacher"]["best_epoch"] is None  # loaded, not trained
+    for key in ("test_errors", "val_accuracy", "params"):
+        assert results["teacher"][key] == base["teacher"][key]
+    # The same teacher and seed: the students are the same, bit for bit.
+    for stage in ("student", "distilled"):
+        assert without(results)[stage] == without(base)[stage]
+    assert not (other / "teacher").exists()
+    assert [r["stage"] for r in metrics_rows(other)] == ["student", "distilled"]
+    assert_pngs(other, ("dark_knowledge.png",))
+
+    # A checkpoint of another architecture is refused, naming the flag.
+    code, err = exit_code(distill_example, [*argv, "--workdir", tmp_path / "bad", "--teacher",
+                          "hinton_student", "--teacher-checkpoint",
+                          workdir / "teacher" / "checkpoints"])  # fmt: skip
+    assert code == 2 and "--teacher-checkpoint" in err
+
+
+def test_distill_cached_teacher_and_omitted_class(
+    distill_example, distill_run, tiny_idx_dir, tmp_path
+):
+    workdir, argv, _ = distill_run
+    other = tmp_path / "omit3"
+    argv = [other if a == workdir else a for a in argv]
+    run_main(distill_example, [*argv, "--cache-teacher", "--omit-classes", "3"])
+    results = read_results(other)
+    assert results["config"]["cache_teacher"] is True
+    assert results["config"]["omit_classes"] == [3]
+    ds = kdata.load_dataset("mnist", data_dir=tiny_idx_dir, val_size=200)
+    for name in ("student", "distilled"):
+        unseen = results["unseen"][name]
+        before, after = unseen["before"], unseen["after"]
+        assert unseen["classes"] == [3]
+        assert before["unseen_count"] == after["unseen_count"] == int(np.sum(ds.test.labels == 3))
+        assert before["unseen_errors"] <= before["test_errors"]
+        # A shift >= 0 of the 3s' logit can only turn more answers into 3.
+        assert after["bias_shift"] >= 0.0
+        assert after["unseen_accuracy"] >= before["unseen_accuracy"]
+    # Hinton et al.'s observation: the student that never saw a 3 never says 3; the
+    # distilled one learnt about 3s from the teacher's soft targets alone.
+    student, distilled = (results["unseen"][n]["before"] for n in ("student", "distilled"))
+    assert student["unseen_accuracy"] < 0.2
+    assert distilled["unseen_accuracy"] > student["unseen_accuracy"] + 0.3
+    # The students train on fewer rows (no 3s): fewer steps per epoch.
+    transfer = len(ds.train) - int(np.sum(ds.train.labels == 3))
+    ckpt = train.Checkpointer(other / "distilled" / "checkpoints", read_only=True)
+    assert ckpt.latest_step() == transfer // 32 < 600 // 32
+    assert [r["stage"] for r in metrics_rows(other)] == list(STAGES)
+
+
+def test_distill_bad_flag_exits_2_before_writing(tiny_idx_dir, tmp_path):
+    workdir = tmp_path / "never"
+    proc = subprocess.run(
+        [sys.executable, REPO / "examples" / "distill_mnist.py", "--data-dir", tiny_idx_dir,
+         "--workdir", workdir, "--alpha", "2", *TINY],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "--alpha" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not workdir.exists()
+
+
+# ---------------------------------------------------------------------------- VAE
+
+
+VAE_TINY = [*TINY, "--epochs", 1, "--eval-k", 4]
+
+
+@pytest.fixture(scope="module")
+def vae_run(vae_example, tiny_idx_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vae") / "run"
+    run_main(vae_example, ["--data-dir", tiny_idx_dir, "--workdir", workdir, *VAE_TINY,
+                           "--eval-examples", 50])  # fmt: skip
+    return workdir
+
+
+def test_vae_writes_results_metrics_figures_checkpoints(vae_run):
+    results = read_results(vae_run)
+    keys = {"test_neg_elbo", "test_nll", "eval_k", "kl", "reconstruction", "epochs", "seconds",
+            "config"}  # fmt: skip
+    assert keys <= set(results)
+    assert (results["eval_k"], results["eval_examples"], results["epochs"]) == (4, 50, 1)
+    assert results["latents"] == 20 and results["config"]["preset"] == "flax"
+    # -ELBO = KL - E[log p(x|z)], all finite and positive on binary images.
+    assert results["kl"] > 0 and results["reconstruction"] < 0
+    np.testing.assert_allclose(
+        results["test_neg_elbo"], results["kl"] - results["reconstruction"], rtol=1e-4
+    )
+    assert 0 < results["test_nll"] < 784 * np.log(2) * 2
+    rows = metrics_rows(vae_run)
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("vae", 1)]
+    assert {"train_loss", "train_neg_elbo", "val_neg_elbo", "test_neg_elbo"} <= set(rows[0])
+    assert_pngs(vae_run, ("samples.png", "reconstructions.png", "latents.png",
+                          "training_curves.png"))  # fmt: skip
+    assert not (vae_run / "manifold.png").exists()  # 20 latents: no 2-D manifold
+    ckpt = train.Checkpointer(vae_run / "vae" / "checkpoints", read_only=True)
+    assert ckpt.latest_step() == 600 // 32
+
+
+def test_vae_2d_through_tfds_manifold_and_iwae_below_elbo(vae_example, tmp_path):
+    # TFDS's mock data (random images) in place of a download; all 96 test images for both
+    # bounds, so that they are comparable.
+    with mock_tfds(tmp_path / "tfds", "mnist", ("train", "test"), num_examples=96):
+        run_main(vae_example, ["--dataset", "mnist", "--workdir", tmp_path / "run",
+                               "--preset", "2d", "--val-size", 32, "--batch-size", 32,
+                               "--epochs", 1, "--eval-k", 4, "--no-progress"])  # fmt: skip
+    results = read_results(tmp_path / "run")
+    assert results["config"]["dataset"] == "mnist" and results["config"]["data_dir"] is None
+    assert results["latents"] == 2 and results["eval_examples"] == 96
+    assert_pngs(tmp_path / "run", ("manifold.png", "latents.png"))
+    assert [r["epoch"] for r in metrics_rows(tmp_path / "run")] == [1]
+    # E[IWAE_k] >= ELBO: the NLL estimate is at most the negative ELBO, up to the noise of
+    # the one-sample estimates over 96 images.
+    assert np.isfinite(results["test_nll"])
+    assert results["test_nll"] <= results["test_neg_elbo"] + 0.5

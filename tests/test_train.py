@@ -1,0 +1,422 @@
+"""Tests of kdvae.train: the epoch loop learns, is deterministic, checkpoints, resumes
+bit for bit (after a finished or an interrupted run), refuses other configurations, and
+stops on a non-finite loss without writing over the last good checkpoint."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import class_patterns
+from flax import nnx
+
+from kdvae import models, objectives, train
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+N, BATCH = 320, 32  # 10 steps per epoch
+STEPS = N // BATCH
+TIMING = ("seconds", "samples_per_s")  # the only fields of a history row that may differ
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, np.ndarray]:
+    images, labels = class_patterns(N, seed=3)
+    return {"images": images, "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def val() -> dict[str, np.ndarray]:
+    images, labels = class_patterns(100, seed=4)
+    return {"images": images, "labels": labels}
+
+
+def make_trainer(*, seed=0, learning_rate=1e-2, loss_fn=None, tx=None, max_norm=None):
+    model = models.MLPClassifier((32,), max_norm=max_norm, rngs=nnx.Rngs(seed))
+    tx = tx or optax.adam(learning_rate)
+    return train.Trainer(model, tx, loss_fn or objectives.classification_loss())
+
+
+@pytest.fixture(scope="module")
+def evaluate(val):
+    @jax.jit
+    def accuracy(model, images, labels):
+        logits = model(objectives.to_unit_float(images))
+        return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+    def evaluate(model, epoch):
+        return {"val_accuracy": float(accuracy(model, val["images"], val["labels"]))}
+
+    return evaluate
+
+
+def run_fit(trainer, data, evaluate, **kwargs):
+    kwargs = {"epochs": 3, "batch_size": BATCH, "seed": 7, "progress": False, **kwargs}
+    return train.fit(trainer, data, evaluate=evaluate, **kwargs)
+
+
+def params(trainer_or_state) -> list[np.ndarray]:
+    state = trainer_or_state
+    if isinstance(state, train.Trainer):
+        state = state.model_state()
+    return [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def assert_same_params(a, b):
+    a, b = params(a), params(b)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+# ----------------------------------------------------------------------- learning
+
+
+def test_fit_learns(data, evaluate, tmp_path):
+    trainer = make_trainer()
+    log = train.MetricsLog(tmp_path / "metrics.jsonl")
+    # progress=True and a short check window exercise the progress-bar path too.
+    result = run_fit(trainer, data, evaluate, log=log, stage="s", progress=True, check_every=3)
+    history = result.history
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    losses = [row["train_loss"] for row in history]
+    assert losses[0] < math.log(10)  # below chance already during the first epoch
+    assert losses[2] < losses[1] < losses[0]
+    assert losses[2] < 0.2 * losses[0]
+    assert history[-1]["train_accuracy"] > 0.9 and history[-1]["val_accuracy"] > 0.9
+    assert result.best_metrics["val_accuracy"] == max(r["val_accuracy"] for r in history)
+    assert log.rows() == history
+    assert all(row["stage"] == "s" for row in history)
+
+
+def test_max_norm_holds_after_every_update(data, evaluate):
+    trainer = make_trainer(max_norm=0.5, learning_rate=0.1)
+    run_fit(trainer, data, evaluate, epochs=1)
+    for layer in trainer.model.layers:
+        norms = np.linalg.norm(np.asarray(layer.kernel[...]), axis=0)
+        assert norms.max() <= 0.5 * (1 + 1e-5)
+        assert norms.max() > 0.49  # the constraint was active, not vacuous
+
+
+def test_same_seed_same_run_bit_for_bit(data, evaluate):
+    a, b, c = make_trainer(), make_trainer(), make_trainer()
+    result_a = run_fit(a, data, evaluate, epochs=2)
+    result_b = run_fit(b, data, evaluate, epochs=2)
+    assert_same_params(a, b)
+    assert_same_params(result_a.best_state, result_b.best_state)
+    assert untimed(result_a.history) == untimed(result_b.history)
+    # Another data-order seed gives another run: the comparison above can fail.
+    run_fit(c, data, evaluate, epochs=2, seed=8)
+    assert not all(map(np.array_equal, params(a), params(c)))
+
+
+def test_best_epoch_selection(data):
+    scores = {0: 0.5, 1: 0.9, 2: 0.7}
+
+    def evaluate(model, epoch):
+        return {"val_accuracy": scores[epoch]}
+
+    trainer = make_trainer()
+    result = run_fit(trainer, data, evaluate)
+    assert result.best_epoch == 2 and result.best_metrics["val_accuracy"] == 0.9
+    two_epochs = make_trainer()
+    run_fit(two_epochs, data, evaluate, epochs=2)
+    assert_same_params(result.best_state, two_epochs)  # the model as it was after epoch 2
+    # "min" picks the lowest; a metric that is never reported keeps the last model.
+    assert run_fit(make_trainer(), data, evaluate, select=("val_accuracy", "min")).best_epoch == 1
+    last = run_fit(make_trainer(), data, evaluate, select=("val_loss", "min"))
+    assert last.best_epoch == 3
+    assert_same_params(last.best_state, trainer)
+
+
+# ----------------------------------------------------------------------- data order
+
+
+def test_each_epoch_visits_a_fresh_permutation():
+    visited: list[np.ndarray] = []
+
+    def loss_fn(model, batch, key, context):
+        jax.debug.callback(lambda rows: visited.append(np.asarray(rows)), batch["row"],
+                           ordered=True)  # fmt: skip
+        x = objectives.to_unit_float(batch["images"])
+        return jnp.mean(model(x) ** 2), {}
+
+    n, batch = 100, 16  # 6 steps per epoch; the last 4 rows of each order are dropped
+    data = {"images": np.zeros((n, 28, 28, 1), np.uint8), "row": np.arange(n, dtype=np.int32)}
+    trainer = make_trainer(loss_fn=loss_fn)
+    train.fit(trainer, data, epochs=3, batch_size=batch, seed=5, evaluate=lambda m, e: {},
+              progress=False)  # fmt: skip
+    jax.effects_barrier()
+    assert len(visited) == 3 * 6 and all(v.shape == (batch,) for v in visited)
+    epochs = [np.concatenate(visited[6 * e : 6 * e + 6]) for e in range(3)]
+    for e, rows in enumerate(epochs):
+        assert len(np.unique(rows)) == 96 and rows.min() >= 0 and rows.max() < n
+        # The documented order: permutation(fold_in(key(seed), epoch)), partial batch dropped.
+        want = jax.random.permutation(jax.random.fold_in(jax.random.key(5), e), n)[:96]
+        np.testing.assert_array_equal(rows, want)
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert not np.array_equal(epochs[1], epochs[2])
+    assert set(epochs[0]) != set(epochs[1])  # other rows dropped too, not only reordered
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(data, evaluate, tmp_path):
+    trainer = make_trainer(seed=0)
+    run_fit(trainer, data, evaluate, epochs=1)  # non-trivial optimizer state
+    best = jax.tree.map(lambda x: x + 1, trainer.model_state())
+    ckpt = train.Checkpointer(tmp_path / "ckpt")
+    assert ckpt.latest_step() is None and ckpt.read_meta() is None
+    meta = {"epoch": 1, "history": [{"a": 1.5}], "config": {"lr": 0.01, "widths": [3, 4]}}
+    ckpt.save(5, trainer.state, best, meta)
+    assert ckpt.latest_step() == 5 and ckpt.read_meta() == meta
+
+    other = make_trainer(seed=1)  # another init: the restore must overwrite every array
+    assert not all(map(np.array_equal, params(other), params(trainer)))
+    restored, got_meta = ckpt.restore({"state": other.state, "best": other.model_state()})
+    assert got_meta == meta
+    assert_same_params(restored["state"], trainer.state)  # model and optimizer state
+    assert_same_params(restored["best"], best)
+    assert len(params(restored["state"])) > len(params(restored["best"]))  # + optimizer
+    assert STEPS in [int(x) for x in params(restored["state"]) if x.dtype == np.uint32]
+
+    # The two newest are kept; saving a step again replaces it.
+    ckpt.save(6, trainer.state, best, {**meta, "epoch": 2})
+    ckpt.save(7, trainer.state, best, {**meta, "epoch": 3})
+    ckpt.save(7, trainer.state, best, {**meta, "epoch": 4})
+    assert ckpt.manager.all_steps() == [6, 7]
+    assert ckpt.read_meta()["epoch"] == 4 and ckpt.read_meta(6)["epoch"] == 2
+    ckpt.close()
+
+    # load_best_model reads the best model of the latest checkpoint.
+    model, _ = train.load_best_model(
+        tmp_path / "ckpt", models.MLPClassifier((32,), rngs=nnx.Rngs(2))
+    )
+    assert_same_params(nnx.state(model), best)
+    with pytest.raises(FileNotFoundError):
+        train.load_best_model(tmp_path / "nowhere", model)
+
+
+@pytest.fixture(scope="module")
+def reference(data, evaluate, tmp_path_factory):
+    """An uninterrupted 3-epoch run with checkpoints and a metrics log."""
+    folder = tmp_path_factory.mktemp("reference")
+    trainer = make_trainer()
+    log = train.MetricsLog(folder / "metrics.jsonl")
+    result = run_fit(trainer, data, evaluate, checkpointer=train.Checkpointer(folder / "ckpt"),
+                     log=log, config={"lr": 0.01})  # fmt: skip
+    return types.SimpleNamespace(trainer=trainer, result=result, rows=log.rows())
+
+
+def assert_same_run(trainer, result, log, reference):
+    assert_same_params(trainer, reference.trainer)
+    assert_same_params(result.best_state, reference.result.best_state)
+    assert untimed(result.history) == untimed(reference.result.history)
+    assert result.best_epoch == reference.result.best_epoch
+    assert untimed(log.rows()) == untimed(reference.rows)
+
+
+def test_resume_a_finished_run_continues_exactly(data, evaluate, reference, tmp_path):
+    log = train.MetricsLog(tmp_path / "metrics.jsonl")
+    ckpt = train.Checkpointer(tmp_path / "ckpt")
+    run_fit(make_trainer(), data, evaluate, epochs=2, checkpointer=ckpt, log=log,
+            config={"lr": 0.01})  # fmt: skip
+    assert ckpt.latest_step() == 2 * STEPS and ckpt.read_meta()["complete"]
+    trainer = make_trainer(seed=1)  # the init does not matter: the checkpoint wins
+    result = run_fit(trainer, data, evaluate, checkpointer=ckpt, log=log, resume=True,
+                     config={"lr": 0.01})  # fmt: skip
+    assert_same_run(trainer, result, log, reference)
+    assert ckpt.latest_step() == 3 * STEPS
+
+    # Resuming a complete run trains nothing and returns the same result.
+    calls = []
+    again = make_trainer(seed=2)
+    step = again.step
+    again.step = lambda *args: calls.append(1) or step(*args)
+    result = run_fit(again, data, evaluate, checkpointer=ckpt, log=log, resume=True,
+                     config={"lr": 0.01})  # fmt: skip
+    assert not calls
+    assert_same_run(again, result, log, reference)
+
+
+def interrupt_after(trainer: train.Trainer, calls: int) -> None:
+    """Send this process SIGINT right after the trainer's ``calls``-th step."""
+    step, count = trainer.step, [0]
+
+    def wrapped(*args):
+        out = step(*args)
+        count[0] += 1
+        if count[0] == calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    trainer.step = wrapped
+
+
+@pytest.mark.parametrize("calls", [STEPS + 4, 2 * STEPS], ids=["mid-epoch", "end-of-epoch"])
+def test_interrupted_run_resumes_exactly(data, evaluate, reference, tmp_path, calls):
+    log = train.MetricsLog(tmp_path / "metrics.jsonl")
+    ckpt = train.Checkpointer(tmp_path / "ckpt")
+    trainer = make_trainer()
+    interrupt_after(trainer, calls)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(train.Interrupted, match="SIGINT") as excinfo:
+        run_fit(trainer, data, evaluate, checkpointer=ckpt, log=log, config={"lr": 0.01})
+    assert signal.getsignal(signal.SIGINT) is handler  # the handlers are restored
+    assert "checkpoint written" in str(excinfo.value)
+    assert ckpt.latest_step() == calls  # the position of the step that saw the signal
+    meta = ckpt.read_meta()
+    assert (meta["epoch"], meta["step"]) == divmod(calls, STEPS) and not meta["complete"]
+    assert len(log.rows()) == calls // STEPS  # the finished epochs only
+
+    trainer = make_trainer(seed=1)
+    result = run_fit(trainer, data, evaluate, checkpointer=ckpt, log=log, resume=True,
+                     config={"lr": 0.01})  # fmt: skip
+    assert_same_run(trainer, result, log, reference)
+
+
+def test_resume_with_another_config_names_the_setting(data, evaluate, tmp_path):
+    ckpt = train.Checkpointer(tmp_path / "ckpt")
+    config = {"lr": 0.01, "model": {"widths": [32]}, "workdir": "a"}
+    run_fit(make_trainer(), data, evaluate, epochs=1, checkpointer=ckpt, config=config)
+    with pytest.raises(train.ConfigMismatchError, match=r"lr=0\.01.*lr=0\.02"):
+        run_fit(make_trainer(), data, evaluate, checkpointer=ckpt, resume=True,
+                config={**config, "lr": 0.02})  # fmt: skip
+    with pytest.raises(train.ConfigMismatchError, match=r"model\.widths=\[32\]"):
+        run_fit(make_trainer(), data, evaluate, checkpointer=ckpt, resume=True,
+                config={**config, "model": {"widths": [64]}})  # fmt: skip
+    with pytest.raises(train.ConfigMismatchError, match="extra=None.*extra=1"):
+        run_fit(make_trainer(), data, evaluate, checkpointer=ckpt, resume=True,
+                config={**config, "extra": 1})  # fmt: skip
+    assert issubclass(train.ConfigMismatchError, train.ConfigError)
+    # Where the outputs go is not part of the configuration.
+    result = run_fit(make_trainer(), data, evaluate, epochs=2, checkpointer=ckpt, resume=True,
+                     config={**config, "workdir": "b"})  # fmt: skip
+    assert [row["epoch"] for row in result.history] == [1, 2]
+
+
+# ----------------------------------------------------------------------- failures
+
+
+def test_nan_loss_stops_before_writing(data, evaluate, tmp_path):
+    def loss_fn(model, batch, key, context):
+        loss, metrics = objectives.classification_loss()(model, batch, key, context)
+        return loss + context["poison"], metrics
+
+    def context(epoch):  # the loss becomes NaN in the second epoch
+        return {"poison": jnp.float32(np.nan if epoch >= 1 else 0.0)}
+
+    ckpt = train.Checkpointer(tmp_path / "ckpt")
+    log = train.MetricsLog(tmp_path / "metrics.jsonl")
+    trainer = make_trainer(loss_fn=loss_fn)
+    with pytest.raises(train.NonFiniteError, match=r"nan at epoch 2, step 1\b"):
+        run_fit(trainer, data, evaluate, context=context, checkpointer=ckpt, log=log)
+    assert ckpt.manager.all_steps() == [STEPS]  # the epoch-1 checkpoint, nothing newer
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [str(STEPS)]  # no partial one
+    assert [row["epoch"] for row in log.rows()] == [1]
+    restored, meta = ckpt.restore({"state": trainer.state})
+    assert meta["epoch"] == 1
+    assert all(np.all(np.isfinite(x)) for x in params(restored["state"]))
+
+
+def test_exploding_learning_rate_raises_without_a_checkpoint(data, evaluate, tmp_path):
+    ckpt = train.Checkpointer(tmp_path / "ckpt")
+    trainer = make_trainer(tx=optax.sgd(1e30))
+    with pytest.raises(train.NonFiniteError, match="epoch 1"):
+        run_fit(trainer, data, evaluate, checkpointer=ckpt)
+    assert ckpt.latest_step() is None
+
+
+def test_a_non_finite_parameter_with_a_finite_loss_is_caught(data, evaluate, tmp_path):
+    class Poisoned(nnx.Module):
+        """A classifier whose constraint writes inf into a parameter the loss never reads."""
+
+        def __init__(self):
+            self.net = models.MLPClassifier((8,), rngs=nnx.Rngs(0))
+            self.unused = nnx.Param(jnp.zeros(3))
+
+        def __call__(self, x, *, key=None):
+            return self.net(x, key=key)
+
+        def constrain(self):
+            self.unused[...] = jnp.full(3, jnp.inf)
+
+    trainer = train.Trainer(Poisoned(), optax.adam(1e-2), objectives.classification_loss())
+    ckpt = train.Checkpointer(tmp_path / "ckpt")
+    with pytest.raises(train.NonFiniteError, match="parameter became non-finite in epoch 1"):
+        run_fit(trainer, data, evaluate, checkpointer=ckpt)
+    assert ckpt.latest_step() is None
+
+
+def test_check_batch_size():
+    mesh = train.data_mesh()
+    train.check_batch_size(32, 32, mesh)
+    with pytest.raises(train.ConfigError, match="larger than the training set"):
+        train.check_batch_size(64, 50, mesh)
+    with pytest.raises(train.ConfigError, match="positive multiple"):
+        train.check_batch_size(0, 50, mesh)
+    # Divisibility by the device count; a real 4-device mesh is in test_sharding.py.
+    four = types.SimpleNamespace(devices=np.empty(4, object))
+    train.check_batch_size(8, 50, four)
+    with pytest.raises(train.ConfigError, match=r"multiple of the device count \(4\)"):
+        train.check_batch_size(6, 50, four)
+
+
+def test_fit_checks_the_batch_size(data, evaluate):
+    with pytest.raises(train.ConfigError, match="larger than the training set"):
+        run_fit(make_trainer(), data, evaluate, batch_size=N + 1)
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def test_metrics_log_truncate(tmp_path):
+    log = train.MetricsLog(tmp_path / "metrics.jsonl")
+    assert log.rows() == []
+    rows = [
+        {"stage": s, "epoch": e, "x": 10 * e} for s in ("teacher", "student") for e in (1, 2, 3)
+    ]
+    for row in rows:
+        log.append(row)
+    assert log.rows() == rows
+    log.truncate("teacher", after_epoch=1)
+    assert log.rows() == [rows[0], *rows[3:]]  # the other stage untouched, order kept
+    log.truncate("student", after_epoch=0)
+    assert log.rows() == [rows[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp file
+
+
+@pytest.mark.parametrize("n, batch_size", [(10, 4), (3, 4), (8, 4), (0, 4)])
+def test_batched_apply_any_n(n, batch_size):
+    x = jnp.arange(n * 3, dtype=jnp.float32).reshape(n, 3)
+
+    def fn(b):
+        return {"double": 2 * b, "sum": b.sum(-1)}
+
+    got = jax.jit(lambda x: train.batched_apply(fn, x, batch_size=batch_size))(x)
+    assert got["double"].shape == (n, 3) and got["sum"].shape == (n,)
+    np.testing.assert_array_equal(got["double"], 2 * x)
+    np.testing.assert_array_equal(got["sum"], x.sum(-1))
+
+
+def test_stop_on_signals_sets_a_flag_then_restores_the_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with train.stop_on_signals() as flag:
+        assert flag.signal is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.signal == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
