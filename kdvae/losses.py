@@ -153,11 +153,10 @@ def _shifted_logits(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(z - max z) / T`` (masked classes ``-inf``), its log-sum-exp, and ``max z``.
 
-    Halving before subtracting keeps ``z - max z`` from overflowing (it can reach twice
-    the float32 maximum) and is exact, so the largest visible entry is exactly 0 (also
-    when the compiler fuses the subtraction into an FMA) and every other one is <= 0:
-    the sum of exponentials lies in ``[1, C]``, with no second max-shift needed (as in
-    ``jax.nn.log_softmax``), at any temperature, traced or not.
+    The largest visible entry is exactly 0 and every other one is <= 0, so the sum of
+    exponentials lies in ``[1, C]``: no second max-shift is needed (as in
+    ``jax.nn.log_softmax``). Subtracting the max first, rather than dividing first, keeps
+    the result exact for logits with a large common offset.
     """
     visible = logits if where is None else jnp.where(where, logits, -jnp.inf)
     shift = jnp.max(visible, axis=axis, keepdims=True)
@@ -167,6 +166,10 @@ def _shifted_logits(
 
 
 def _shift_and_scale(logits: jax.Array, shift: jax.Array, temperature: Any) -> jax.Array:
+    # Halving before subtracting keeps z - max z from overflowing (it can reach twice the
+    # float32 maximum, while (z - max z) / T is finite for T > 1) and is exact, so the
+    # largest entry comes out exactly 0, also when the compiler fuses the subtraction
+    # into an FMA (which leaves z / T - max z / T slightly off 0).
     return (0.5 * logits - 0.5 * shift) / (0.5 * temperature)
 
 
