@@ -11,6 +11,7 @@ Inputs are images as floats in ``[0, 1]``, either ``[B, 784]`` or ``[B, 28, 28, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -96,11 +97,49 @@ class MLPClassifier(nnx.Module):
                 _max_norm(layer.kernel, self.max_norm)
 
 
-class Conv(nnx.Module):
-    """A ``k x k`` 'SAME' convolution as im2col + one matrix multiply.
+def _im2col(x_BHWC: jax.Array, k: int) -> jax.Array:
+    """'SAME' ``k x k`` patches: ``[B, H, W, C] -> [B, H, W, k * k * C]``."""
+    _, h, w, _ = x_BHWC.shape
+    lo = (k - 1) // 2
+    padded = jnp.pad(x_BHWC, ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
+    return jnp.concatenate(
+        [padded[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)], axis=-1
+    )
 
-    On CPU, XLA's native convolution is several times slower than this formulation for
-    MNIST-sized inputs; on GPU both are fast. Kernel ``[k * k * in, out]``.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d_same(x_BHWC: jax.Array, kernel: jax.Array, k: int) -> jax.Array:
+    """'SAME' convolution as im2col + one matrix multiply; kernel ``[k * k * C, O]``.
+
+    The gradient is written out (a custom VJP): ``dW = patches^T dy`` as a plain
+    ``[k k C, B H W] x [B H W, O]`` product, ``dx`` by folding ``dy W^T`` back. XLA's
+    own derivative of the same expression (and of its native convolution) ran 2.3x
+    slower on CPU (conv 32->64 at 14x14, batch 128: 18 vs 41 ms forward + backward).
+    """
+    return _im2col(x_BHWC, k) @ kernel
+
+
+def _conv_fwd(x_BHWC, kernel, k):
+    patches = _im2col(x_BHWC, k)
+    return patches @ kernel, (x_BHWC, patches, kernel)
+
+
+def _conv_bwd(k, residuals, dy_BHWO):
+    x_BHWC, patches, kernel = residuals
+    rows = patches.reshape(-1, patches.shape[-1])
+    dkernel = rows.T @ dy_BHWO.reshape(-1, dy_BHWO.shape[-1])
+    dx = jax.vjp(lambda x: _im2col(x, k), x_BHWC)[1](dy_BHWO @ kernel.T)[0]
+    return dx, dkernel
+
+
+conv2d_same.defvjp(_conv_fwd, _conv_bwd)
+
+
+class Conv(nnx.Module):
+    """A ``k x k`` 'SAME' convolution (:func:`conv2d_same`); kernel ``[k * k * in, out]``.
+
+    On CPU this im2col formulation with a hand-written gradient trains several times
+    faster than ``nnx.Conv`` (XLA's CPU convolution) for MNIST-sized inputs.
     """
 
     def __init__(self, in_features: int, out_features: int, *, kernel_size: int = 3, rngs):
@@ -111,12 +150,7 @@ class Conv(nnx.Module):
         self.kernel_size = kernel_size
 
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-        k = self.kernel_size
-        _, h, w, _ = x_BHWC.shape
-        lo = (k - 1) // 2
-        padded = jnp.pad(x_BHWC, ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
-        patches = [padded[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)]
-        return jnp.concatenate(patches, axis=-1) @ self.kernel[...] + self.bias[...]
+        return conv2d_same(x_BHWC, self.kernel[...], self.kernel_size) + self.bias[...]
 
 
 def _max_pool_2x2(x_BHWC: jax.Array) -> jax.Array:
