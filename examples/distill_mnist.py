@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--teacher-checkpoint", help="reuse a trained teacher: <workdir>/teacher/checkpoints"
     )
     p.add_argument("--omit-classes", type=cli.int_list, help="e.g. 3: remove from the transfer set")
+    p.add_argument("--transfer-size", type=int,
+                   help="students see only the first N training images (teacher: all)")
     p.add_argument("--keep-classes", type=cli.int_list, help="e.g. 7,8: keep only these")
     return p.parse_args(argv)
 
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             cache_teacher=args.cache_teacher, teacher_checkpoint=args.teacher_checkpoint,
             omit_classes=tuple(args.omit_classes or ()),
             keep_classes=None if args.keep_classes is None else tuple(args.keep_classes),
-            val_size=args.val_size, resume=args.resume, progress=not args.no_progress,
+            transfer_size=args.transfer_size, val_size=args.val_size, resume=args.resume,
+            progress=not args.no_progress,
         )  # fmt: skip
         cli.check_workdir(Path(config.workdir), ("teacher", "student", "distilled"), config.resume)
         cli.setup(args.distributed)

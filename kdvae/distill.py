@@ -70,6 +70,7 @@ class DistillConfig:
     omit_classes: tuple[int, ...] = ()
     keep_classes: tuple[int, ...] | None = None
     teacher_checkpoint: str | None = None
+    transfer_size: int | None = None
     val_size: int = 5000
     resume: bool = False
     progress: bool = True
@@ -124,6 +125,8 @@ def _validate(c: DistillConfig) -> None:
         )
     if c.soft_loss not in ("kl", "ce"):
         raise train.ConfigError(f"--soft-loss must be 'kl' or 'ce', got {c.soft_loss!r}.")
+    if c.transfer_size is not None and c.transfer_size < 1:
+        raise train.ConfigError(f"--transfer-size must be >= 1, got {c.transfer_size}.")
     if c.val_size < 1:  # the best epoch and the bias shift are chosen on it
         raise train.ConfigError(f"--val-size must be >= 1, got {c.val_size}.")
 
@@ -283,6 +286,8 @@ def run(config: DistillConfig, dataset: kdata.Dataset | None = None) -> dict[str
     )
     # The transfer set: the training split, less any omitted classes.
     transfer = kdata.filter_classes(ds.train, omit=config.omit_classes, keep=config.keep_classes)
+    if config.transfer_size is not None:  # Hinton et al. section 5: a small transfer set
+        transfer = transfer.select(np.arange(min(config.transfer_size, len(transfer))))
     # Every check that can fail before the first file is written.
     mesh = train.data_mesh()
     if not config.teacher_checkpoint:

@@ -629,6 +629,20 @@ Encoder = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 Decoder = Callable[[jax.Array], Any]
 
 
+def _decode(decoder: Decoder, z_SxBxL: jax.Array) -> Any:
+    """``decoder`` on ``[S * B, L]`` (one flat batch: no extra axis in its matmuls),
+    its outputs reshaped back to ``[S, B, ...]``. An output without that leading
+    ``S * B`` axis (a shared scalar or per-pixel log-variance) is left to broadcast."""
+    s, b = z_SxBxL.shape[:2]
+    out = decoder(z_SxBxL.reshape(s * b, *z_SxBxL.shape[2:]))
+
+    def unfold(y):
+        y = jnp.asarray(y)
+        return y.reshape(s, b, *y.shape[1:]) if y.ndim and y.shape[0] == s * b else y
+
+    return jax.tree.map(unfold, out)
+
+
 def _log_likelihood(likelihood: str, decoded: Any, x: jax.Array, event_ndim: int) -> jax.Array:
     if likelihood == "bernoulli":
         return bernoulli_log_likelihood(decoded, x, event_ndim=event_ndim)
@@ -669,7 +683,9 @@ def elbo(
       x: ``[B, ...]`` observations (``event_ndim`` trailing axes each).
       encoder: ``x -> (mean, logvar)``, each ``[B, L]``.
       decoder: ``z -> logits`` (Bernoulli) or ``z -> (mean, logvar)`` (Gaussian), for
-        ``z`` of shape ``[S, B, L]``, returning arrays of shape ``[S, B, ...]``.
+        ``z`` of shape ``[S * B, L]`` (the samples folded into the batch axis, sample
+        major), returning arrays of shape ``[S * B, D...]`` (a Gaussian log-variance may
+        instead be a scalar or ``[D]``, shared).
       num_samples: ``S``, Monte-Carlo samples of ``z`` per example.
       beta: weight of the KL term (1 for the true ELBO; Higgins et al.'s beta-VAE).
       likelihood: ``"bernoulli"`` or ``"gaussian"``.
@@ -695,7 +711,7 @@ def elbo(
     x = jnp.asarray(x)
     mean, logvar = encoder(x)
     z = reparameterize(key, mean, logvar, num_samples=num_samples)  # [S, B, L]
-    log_px_z = _log_likelihood(likelihood, decoder(z), x, event_ndim)  # [S, B]
+    log_px_z = _log_likelihood(likelihood, _decode(decoder, z), x, event_ndim)  # [S, B]
     reconstruction = jnp.mean(log_px_z, axis=0)
     kl = gaussian_kl(mean, logvar)
     return ELBOTerms(elbo=reconstruction - beta * kl, reconstruction=reconstruction, kl=kl)
@@ -728,7 +744,7 @@ def iwae_bound(
       key: a PRNG key.
       x: ``[B, ...]`` observations.
       encoder: ``x -> (mean, logvar)``, each ``[B, L]``.
-      decoder: as in :func:`elbo`, for ``z`` of shape ``[chunk, B, L]``.
+      decoder: as in :func:`elbo`, for ``z`` of shape ``[chunk * B, L]``.
       num_samples: ``k >= 1``.
       chunk_size: samples per decoder pass; ``None`` for all ``k`` at once.
       likelihood: ``"bernoulli"`` or ``"gaussian"``.
@@ -769,7 +785,7 @@ def iwae_bound(
             lambda i: jax.random.normal(jax.random.fold_in(key, i), mean.shape, mean.dtype)
         )(index)
         z = mean + std * eps
-        log_px_z = _log_likelihood(likelihood, decoder(z), x, event_ndim)
+        log_px_z = _log_likelihood(likelihood, _decode(decoder, z), x, event_ndim)
         log_pz = -0.5 * jnp.sum(jnp.square(z) + _LOG_2PI, axis=-1)
         log_qz = -0.5 * jnp.sum(jnp.square(eps) + _LOG_2PI + logvar, axis=-1)
         log_w = log_px_z + log_pz - log_qz
