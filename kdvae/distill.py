@@ -119,11 +119,6 @@ def _validate(c: DistillConfig) -> None:
     classes = (*c.omit_classes, *(c.keep_classes or ()))
     if any(not 0 <= k < 10 for k in classes):
         raise train.ConfigError(f"class ids must be in 0..9, got {classes}.")
-    if c.teacher_jitter and c.cache_teacher:
-        raise train.ConfigError(
-            "--cache-teacher computes the teacher's logits once, on unjittered inputs; "
-            "it cannot be combined with a jittered transfer set."
-        )
     if c.soft_loss not in ("kl", "ce"):
         raise train.ConfigError(f"--soft-loss must be 'kl' or 'ce', got {c.soft_loss!r}.")
     if c.transfer_size is not None and c.transfer_size < 1:
