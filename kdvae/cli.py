@@ -102,9 +102,9 @@ def check_workdir(workdir: Path, stages: Sequence[str], resume: bool) -> None:
 
 
 def _interrupt_now(signum, frame):
+    name = signal.Signals(signum).name
     raise train.Interrupted(
-        f"{signal.Signals(signum).name} outside a training loop; every checkpoint written "
-        "so far is complete."
+        f"{name} outside a training loop; every checkpoint written so far is complete.", name
     )
 
 
@@ -131,7 +131,7 @@ def errors_exit() -> Iterator[None]:
         if "--resume" not in sys.argv:
             command += " --resume"
         print(f"{prog}: {err}\nTo continue: {command}", file=sys.stderr)
-        sys.exit(130 if "SIGINT" in str(err) else 143)
+        sys.exit(130 if err.signal == "SIGINT" else 143)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -121,6 +121,8 @@ def _validate(c: DistillConfig) -> None:
         raise train.ConfigError(f"class ids must be in 0..9, got {classes}.")
     if c.soft_loss not in ("kl", "ce"):
         raise train.ConfigError(f"--soft-loss must be 'kl' or 'ce', got {c.soft_loss!r}.")
+    if not 0 <= c.teacher_jitter < 14:
+        raise train.ConfigError(f"--teacher-jitter must be 0..13 pixels, got {c.teacher_jitter}.")
     if c.transfer_size is not None and c.transfer_size < 1:
         raise train.ConfigError(f"--transfer-size must be >= 1, got {c.transfer_size}.")
     if c.val_size < 1:  # the best epoch and the bias shift are chosen on it
@@ -212,18 +214,38 @@ def _train_stage(
     return nnx.merge(graphdef, result.best_state), result
 
 
-def load_teacher(path: str | Path, preset: str) -> nnx.Module:
+def load_teacher(
+    path: str | Path, preset: str, *, dataset: str | None = None, val_size: int | None = None
+) -> nnx.Module:
     """The best model of a finished teacher stage's checkpoints at ``path``.
 
-    Raises ``ValueError`` when the checkpoint's architecture differs from ``preset``'s,
+    Raises ``train.ConfigError`` when the checkpoint's architecture differs from
+    ``preset``'s, when its training did not finish, or when it was trained on another
+    dataset or validation split (its soft targets would leak validation labels);
     ``FileNotFoundError`` when there is no checkpoint.
     """
     # As the checkpoint's JSON holds it: the widths tuple comes back as a list.
     expected = json.loads(json.dumps(models.CLASSIFIER_PRESETS[preset].to_dict()))
-    meta = train.Checkpointer(path, read_only=True).read_meta() if Path(path).is_dir() else None
+    meta = None
+    if Path(path).is_dir():
+        checkpointer = train.Checkpointer(path, read_only=True)
+        meta = checkpointer.read_meta()
+        checkpointer.close()
     if meta is None:
         raise FileNotFoundError(f"--teacher-checkpoint: no checkpoint found at {path}")
-    found = meta.get("config", {}).get("model")
+    if not meta.get("complete"):
+        raise train.ConfigError(
+            f"--teacher-checkpoint {path} is from an unfinished run (epoch {meta.get('epoch')}); "
+            "finish it with --resume first."
+        )
+    saved = meta.get("config", {})
+    for key, value in (("dataset", dataset), ("val_size", val_size)):
+        if value is not None and key in saved and saved[key] != value:
+            raise train.ConfigError(
+                f"--teacher-checkpoint {path} was trained with {key}={saved[key]!r}, this run "
+                f"has {key}={value!r}."
+            )
+    found = saved.get("model")
     if found != expected:
         raise train.ConfigError(
             f"--teacher-checkpoint {path} holds a {found} model, but --teacher {preset} "
@@ -280,6 +302,8 @@ def run(config: DistillConfig, dataset: kdata.Dataset | None = None) -> dict[str
     ds = dataset or kdata.load_dataset(
         config.dataset, data_dir=config.data_dir, val_size=config.val_size
     )
+    if ds.num_classes == 0:
+        raise train.ConfigError(f"{ds.name} has no labels; distillation needs a labeled dataset.")
     # The transfer set: the training split, less any omitted classes.
     transfer = kdata.filter_classes(ds.train, omit=config.omit_classes, keep=config.keep_classes)
     if config.transfer_size is not None:  # Hinton et al. section 5: a small transfer set
@@ -291,10 +315,13 @@ def run(config: DistillConfig, dataset: kdata.Dataset | None = None) -> dict[str
     train.check_batch_size(config.batch_size, len(transfer), mesh)
     t0 = time.perf_counter()
     if config.teacher_checkpoint:
-        teacher = load_teacher(config.teacher_checkpoint, config.teacher)
+        teacher = load_teacher(
+            config.teacher_checkpoint, config.teacher, dataset=config.dataset,
+            val_size=config.val_size,
+        )  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
     log = train.MetricsLog(workdir / "metrics.jsonl")
-    if not config.resume:
+    if not config.resume and jax.process_index() == 0:
         log.path.unlink(missing_ok=True)
     # Every stage stores the whole configuration: resuming with any other setting is refused.
     common = config.to_dict()
@@ -363,7 +390,7 @@ def run(config: DistillConfig, dataset: kdata.Dataset | None = None) -> dict[str
     results["config"] = config.to_dict()
     results["devices"] = [str(d) for d in jax.devices()]
     if jax.process_index() == 0:  # one writer in a multi-host run
-        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+        train.write_json(workdir / "results.json", results)
         _figures(workdir, teacher, ds, log)
     return results
 

@@ -146,7 +146,7 @@ def vae_objective(
         raise ValueError("beta, free_bits and kl_warmup_epochs must be non-negative.")
 
     def loss_fn(model: nnx.Module, batch: dict, key: jax.Array, context: Any):
-        binarize_key, sample_key = jax.random.split(key)
+        binarize_key, sample_key, iwae_key = jax.random.split(key, 3)
         x = binarize(binarize_key, batch["images"], dynamic=dynamic_binarization)
         mean, logvar = model.encode(x)
 
@@ -159,7 +159,7 @@ def vae_objective(
             epoch = context["epoch"].astype(jnp.float32)
             weight = beta * jnp.minimum(1.0, (epoch + 1.0) / kl_warmup_epochs)
         if objective == "iwae":
-            bound = losses.iwae_bound(sample_key, x, encoder, model.decode, num_samples=k)
+            bound = losses.iwae_bound(iwae_key, x, encoder, model.decode, num_samples=k)
             loss = -bound.mean()
         else:
             kl = terms.kl.mean()

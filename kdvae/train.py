@@ -61,6 +61,7 @@ __all__ = [
     "enable_compilation_cache",
     "fit",
     "stop_on_signals",
+    "write_json",
 ]
 
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array, Any], tuple[jax.Array, dict]]
@@ -71,7 +72,14 @@ class NonFiniteError(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """SIGINT or SIGTERM arrived; a checkpoint of the current step was written."""
+    """SIGINT or SIGTERM arrived; a checkpoint of the current step was written.
+
+    ``signal`` names it (``"SIGINT"`` or ``"SIGTERM"``).
+    """
+
+    def __init__(self, message: str, signal: str = "SIGINT"):
+        super().__init__(message)
+        self.signal = signal
 
 
 class ConfigError(ValueError):
@@ -212,17 +220,24 @@ class Trainer:
         return ("loss", *out[1].keys())
 
 
-def batched_apply(fn: Callable[[jax.Array], Any], x: jax.Array, *, batch_size: int = 1000) -> Any:
+def batched_apply(
+    fn: Callable[..., Any], x: jax.Array, *, batch_size: int = 1000, with_index: bool = False
+) -> Any:
     """``fn`` over ``x`` in chunks of ``batch_size`` rows (a ``lax.map``), concatenated.
 
     ``x`` is padded to a multiple of ``batch_size`` and the padding dropped again, so
-    any ``N`` works; call it inside ``jax.jit``.
+    any ``N`` works; call it inside ``jax.jit``. With ``with_index``, ``fn(chunk, i)``
+    also gets the chunk's number ``i`` (e.g. to ``fold_in`` a PRNG key per chunk).
     """
     n = x.shape[0]
     batch_size = max(1, min(batch_size, n))  # n = 0: zero chunks, an empty result
     chunks = -(-n // batch_size)
     padded = jnp.pad(x, [(0, chunks * batch_size - n)] + [(0, 0)] * (x.ndim - 1))
-    out = jax.lax.map(fn, padded.reshape(chunks, batch_size, *x.shape[1:]))
+    padded = padded.reshape(chunks, batch_size, *x.shape[1:])
+    if with_index:
+        out = jax.lax.map(lambda args: fn(*args), (padded, jnp.arange(chunks)))
+    else:
+        out = jax.lax.map(fn, padded)
     return jax.tree.map(lambda y: y.reshape(chunks * batch_size, *y.shape[2:])[:n], out)
 
 
@@ -374,6 +389,14 @@ class MetricsLog:
         tmp.replace(self.path)
 
 
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
 class _StopFlag:
     def __init__(self):
         self.signal: str | None = None
@@ -411,7 +434,7 @@ class FitResult:
     seconds: float
 
 
-_NEVER_COMPARED = ("resume", "workdir", "data_dir", "progress", "teacher_checkpoint")
+_NEVER_COMPARED = ("resume", "workdir", "data_dir", "progress")
 
 
 def _check_config(saved: Mapping, current: Mapping, where: Path, prefix: str = "") -> None:
@@ -570,11 +593,17 @@ def fit(
                             tick = now
                         window, window_start = [], i + 1
                     if stop.signal and not done:
+                        if not bool(_all_finite(trainer.state)):
+                            raise NonFiniteError(
+                                f"{stage}: a parameter became non-finite in epoch {epoch + 1}; "
+                                "stopped without saving (the last good checkpoint is kept)."
+                            )
                         seconds += time.perf_counter() - t0
                         save(epoch, i + 1, {k: float(v) for k, v in sums.items()})
                         raise Interrupted(
                             f"{stage}: {stop.signal} at epoch {epoch + 1}, step {i + 1}; "
-                            "checkpoint written."
+                            "checkpoint written.",
+                            stop.signal,
                         )
                 if not bool(_all_finite(trainer.state)):
                     raise NonFiniteError(
@@ -601,13 +630,14 @@ def fit(
                 if stop.signal:
                     raise Interrupted(
                         f"{stage}: {stop.signal} at the end of epoch {epoch + 1}; "
-                        "checkpoint written."
+                        "checkpoint written.",
+                        stop.signal,
                     )
     finally:
         if bar is not None:
             bar.close()
     if not best_metrics:  # the selection metric was never reported: keep the last model
-        best_state, best_epoch = trainer.model_state(), epochs
+        best_state, best_epoch = jax.tree.map(jnp.copy, trainer.model_state()), epochs
         best_metrics = history[-1] if history else {}
     return FitResult(best_state, best_epoch, best_metrics, history, seconds)
 
@@ -621,8 +651,11 @@ def load_best_model(directory: str | os.PathLike, model: nnx.Module) -> tuple[nn
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {directory}")
     ckpt = Checkpointer(directory, read_only=True)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    graphdef, state = nnx.split(model)
-    restored, meta = ckpt.restore({"best": state})
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no complete checkpoint in {directory}")
+        graphdef, state = nnx.split(model)
+        restored, meta = ckpt.restore({"best": state})
+    finally:
+        ckpt.close()
     return nnx.merge(graphdef, restored["best"]), meta

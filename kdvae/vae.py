@@ -11,7 +11,6 @@ the same binary images. ``examples/vae_mnist.py`` is the command line over :func
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -84,12 +83,23 @@ def make_config(**settings: Any) -> VAERunConfig:
         ("--free-bits", c.free_bits, c.free_bits >= 0, ">= 0"),
         ("--kl-warmup-epochs", c.kl_warmup_epochs, c.kl_warmup_epochs >= 0, ">= 0"),
         ("--eval-k", c.eval_k, c.eval_k >= 1, ">= 1"),
+        ("--val-size", c.val_size, c.val_size >= 1, ">= 1 (the best epoch is chosen on it)"),
         ("--eval-examples", c.eval_examples, c.eval_examples is None or c.eval_examples >= 1,
          ">= 1"),
     ]  # fmt: skip
     for flag, value, ok, requirement in checks:
         if not ok:
             raise train.ConfigError(f"{flag} must be {requirement}, got {value!r}.")
+    if c.objective == "iwae":  # the IWAE bound has no separate KL term to weight or free
+        ignored = {
+            "--beta": c.beta != 1.0,
+            "--kl-warmup-epochs": c.kl_warmup_epochs != 0,
+            "--free-bits": c.free_bits != 0.0,
+            "--num-samples": c.num_samples != 1,
+        }
+        if any(ignored.values()):
+            flags = ", ".join(k for k, v in ignored.items() if v)
+            raise train.ConfigError(f"{flags} only apply to --objective elbo (use --k for iwae).")
     return config
 
 
@@ -106,21 +116,16 @@ def _bounds_fn(graphdef: nnx.GraphDef, k: int, chunk: int, batch_size: int):
     def bounds(state, x, key):
         model = nnx.merge(graphdef, state)
 
-        def one_batch(xb_and_index):
-            xb, index = xb_and_index
-            batch_key = jax.random.fold_in(key, index)
-            terms = losses.elbo(batch_key, xb, model.encode, model.decode)
+        def one_batch(xb, index):
+            elbo_key, iwae_key = jax.random.split(jax.random.fold_in(key, index))
+            terms = losses.elbo(elbo_key, xb, model.encode, model.decode)
             iwae = losses.iwae_bound(
-                batch_key, xb, model.encode, model.decode, num_samples=k, chunk_size=chunk
+                iwae_key, xb, model.encode, model.decode, num_samples=k, chunk_size=chunk
             )
             mean = model.encode(xb)[0]
             return terms.elbo, terms.reconstruction, terms.kl, iwae, mean
 
-        n = x.shape[0]
-        chunks = -(-n // batch_size)
-        padded = jnp.pad(x, ((0, chunks * batch_size - n), (0, 0)))
-        out = jax.lax.map(one_batch, (padded.reshape(chunks, batch_size, -1), jnp.arange(chunks)))
-        return jax.tree.map(lambda y: y.reshape(chunks * batch_size, *y.shape[2:])[:n], out)
+        return train.batched_apply(one_batch, x, batch_size=batch_size, with_index=True)
 
     return bounds
 
@@ -154,10 +159,10 @@ def _elbo_fn(graphdef: nnx.GraphDef):
     def neg_elbo(state, x, key):
         model = nnx.merge(graphdef, state)
 
-        def one(xb):
-            return losses.elbo(key, xb, model.encode, model.decode)
+        def one(xb, index):
+            return losses.elbo(jax.random.fold_in(key, index), xb, model.encode, model.decode)
 
-        terms = train.batched_apply(one, x, batch_size=1000)
+        terms = train.batched_apply(one, x, batch_size=1000, with_index=True)
         return {
             "neg_elbo": -jnp.mean(terms.elbo),
             "kl": jnp.mean(terms.kl),
@@ -176,7 +181,7 @@ def run(config: VAERunConfig, dataset: kdata.Dataset | None = None) -> dict[str,
     train.check_batch_size(config.batch_size, len(ds.train), train.data_mesh())  # nothing written
     workdir.mkdir(parents=True, exist_ok=True)
     log = train.MetricsLog(workdir / "metrics.jsonl")
-    if not config.resume:
+    if not config.resume and jax.process_index() == 0:
         log.path.unlink(missing_ok=True)
     dynamic = config.binarization == "dynamic"
     x_val = _fixed_binarization(ds.val.images, config.seed + 1, dynamic)
@@ -244,7 +249,7 @@ def run(config: VAERunConfig, dataset: kdata.Dataset | None = None) -> dict[str,
         "devices": [str(d) for d in jax.devices()],
     }
     if jax.process_index() == 0:  # one writer in a multi-host run
-        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+        train.write_json(workdir / "results.json", results)
         _figures(workdir, best, ds, x_test, bounds["means"], log, config.seed)
     return results
 
