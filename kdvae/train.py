@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import time
@@ -285,17 +286,23 @@ class Checkpointer:
 
         self._ocp = ocp
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
+        # Orbax logs a warning per read-only setting it adjusts; nothing for a user to do.
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR if read_only else level)
+        try:
+            options = ocp.CheckpointManagerOptions(
                 max_to_keep=2,
                 enable_async_checkpointing=False,
                 create=not read_only,
                 read_only=read_only,
                 cleanup_tmp_directories=not read_only,
-            ),
-            item_names=("state", "best", "meta"),
-        )
+            )
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "best", "meta")
+            )
+        finally:
+            absl_logger.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
