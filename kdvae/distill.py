@@ -233,24 +233,24 @@ def load_teacher(
         checkpointer.close()
     if meta is None:
         raise FileNotFoundError(f"--teacher-checkpoint: no checkpoint found at {path}")
-    if not meta.get("complete"):
-        raise train.ConfigError(
-            f"--teacher-checkpoint {path} is from an unfinished run (epoch {meta.get('epoch')}); "
-            "finish it with --resume first."
-        )
     saved = meta.get("config", {})
-    for key, value in (("dataset", dataset), ("val_size", val_size)):
-        if value is not None and key in saved and saved[key] != value:
-            raise train.ConfigError(
-                f"--teacher-checkpoint {path} was trained with {key}={saved[key]!r}, this run "
-                f"has {key}={value!r}."
-            )
     found = saved.get("model")
     if found != expected:
         raise train.ConfigError(
             f"--teacher-checkpoint {path} holds a {found} model, but --teacher {preset} "
             f"is {expected}; pass the matching --teacher."
         )
+    if not meta.get("complete"):
+        raise train.ConfigError(
+            f"--teacher-checkpoint {path} is from an unfinished run (epoch {meta.get('epoch')}); "
+            "finish it with --resume first."
+        )
+    for key, value in (("dataset", dataset), ("val_size", val_size)):
+        if value is not None and key in saved and saved[key] != value:
+            raise train.ConfigError(
+                f"--teacher-checkpoint {path} was trained with {key}={saved[key]!r}, this run "
+                f"has {key}={value!r}."
+            )
     model, _ = train.load_best_model(path, _make_model(preset, 0, 0))
     return model
 
