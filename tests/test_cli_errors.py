@@ -336,7 +336,7 @@ def test_existing_checkpoints_need_resume(distill_run, vae_run, data_dir):
     "example, argv, expected",
     [
         ("distill", ["--lr", "0.002"], "learning_rate=0.001, this run has learning_rate=0.002"),
-        ("distill", ["--temperature", "3"], "temperature=4.0, this run has temperature=3.0"),
+        ("distill", ["--temperature", "3"], "temperature=8.0, this run has temperature=3.0"),
         ("distill", ["--student-epochs", "2"], "student_epochs=1, this run has student_epochs=2"),
         ("distill", ["--seed", "1"], "seed=0, this run has seed=1"),
         ("vae", ["--latents", "3"], "latents=None, this run has latents=3"),
