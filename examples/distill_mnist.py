@@ -41,8 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--teacher-checkpoint", help="reuse a trained teacher: <workdir>/teacher/checkpoints"
     )
     p.add_argument("--omit-classes", type=cli.int_list, help="e.g. 3: remove from the transfer set")
-    p.add_argument("--transfer-size", type=int,
-                   help="students see only the first N training images (teacher: all)")
+    p.add_argument(
+        "--transfer-size",
+        type=int,
+        help="students see only the first N training images (teacher: all)",
+    )
     p.add_argument("--keep-classes", type=cli.int_list, help="e.g. 7,8: keep only these")
     return p.parse_args(argv)
 
