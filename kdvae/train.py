@@ -72,10 +72,11 @@ class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or parameter; nothing was saved after it."""
 
 
-class Interrupted(RuntimeError):
+class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived; a checkpoint of the current step was written.
 
-    ``signal`` names it (``"SIGINT"`` or ``"SIGTERM"``).
+    ``signal`` names it (``"SIGINT"`` or ``"SIGTERM"``). Like ``KeyboardInterrupt`` it
+    is not an ``Exception``, so no library's ``except Exception`` swallows it.
     """
 
     def __init__(self, message: str, signal: str = "SIGINT"):
