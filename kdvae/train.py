@@ -564,6 +564,13 @@ def fit(
                 "checkpoint is kept)."
             )
 
+    def check_parameters(epoch: int) -> None:
+        if not bool(_all_finite(trainer.state)):
+            raise NonFiniteError(
+                f"{stage}: a parameter became non-finite in epoch {epoch + 1}; "
+                "stopped without saving (the last good checkpoint is kept)."
+            )
+
     bar = _progress_bar(epochs * steps_per_epoch, start_epoch * steps_per_epoch + start_step,
                         stage, progress)  # fmt: skip
     order_key, step_key = jax.random.key(seed), jax.random.key(seed + 1)
@@ -601,11 +608,7 @@ def fit(
                             tick = now
                         window, window_start = [], i + 1
                     if stop.signal and not done:
-                        if not bool(_all_finite(trainer.state)):
-                            raise NonFiniteError(
-                                f"{stage}: a parameter became non-finite in epoch {epoch + 1}; "
-                                "stopped without saving (the last good checkpoint is kept)."
-                            )
+                        check_parameters(epoch)
                         seconds += time.perf_counter() - t0
                         save(epoch, i + 1, {k: float(v) for k, v in sums.items()})
                         raise Interrupted(
@@ -613,11 +616,7 @@ def fit(
                             "checkpoint written.",
                             stop.signal,
                         )
-                if not bool(_all_finite(trainer.state)):
-                    raise NonFiniteError(
-                        f"{stage}: a parameter became non-finite in epoch {epoch + 1}; "
-                        "stopped without saving (the last good checkpoint is kept)."
-                    )
+                check_parameters(epoch)
                 train_time = time.perf_counter() - t0
                 row = {"stage": stage, "epoch": epoch + 1}
                 row.update({f"train_{k}": float(v) / steps_per_epoch for k, v in sums.items()})

@@ -118,11 +118,15 @@ def _bounds_fn(graphdef: nnx.GraphDef, k: int, chunk: int, batch_size: int):
 
         def one_batch(xb, index):
             elbo_key, iwae_key = jax.random.split(jax.random.fold_in(key, index))
-            terms = losses.elbo(elbo_key, xb, model.encode, model.decode)
+            mean, logvar = model.encode(xb)  # once, for both bounds and the active units
+
+            def encoder(_):
+                return mean, logvar
+
+            terms = losses.elbo(elbo_key, xb, encoder, model.decode)
             iwae = losses.iwae_bound(
-                iwae_key, xb, model.encode, model.decode, num_samples=k, chunk_size=chunk
+                iwae_key, xb, encoder, model.decode, num_samples=k, chunk_size=chunk
             )
-            mean = model.encode(xb)[0]
             return terms.elbo, terms.reconstruction, terms.kl, iwae, mean
 
         return train.batched_apply(one_batch, x, batch_size=batch_size, with_index=True)
