@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,18 +33,57 @@ from kdvae import models, objectives, train
 STEPS = ("teacher", "cnn_teacher", "student", "distill_live", "distill_cached", "vae")
 
 
-def gemm_rate(n: int = 2048, repeats: int = 10) -> float:
-    """Median fp32 FLOP/s of an ``n x n`` matrix multiply."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
+class Gemm:
+    """An ``n x n`` fp32 matrix multiply, timed between the steps it is compared with."""
+
+    def __init__(self, n: int = 2048):
+        self.flops = 2 * n**3
+        self.a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        self.b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        self.matmul = jax.jit(jnp.matmul)
+        self.matmul(self.a, self.b).block_until_ready()
+
+    def rate(self) -> float:
+        """FLOP/s of one multiply."""
         t = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / float(np.median(times))
+        self.matmul(self.a, self.b).block_until_ready()
+        return self.flops / (time.perf_counter() - t)
+
+
+_DOT = re.compile(
+    r"stablehlo\.dot_general .*?(?:batching_dims = \[([\d, ]*)\] x \[([\d, ]*)\], )?"
+    r"contracting_dims = \[([\d, ]*)\] x \[([\d, ]*)\].*?"
+    r": \(tensor<([\dx]+)xf32>, tensor<([\dx]+)xf32>\)"
+)
+
+
+def _ints(text: str | None) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",")) if text and text.strip() else ()
+
+
+def matmuls_alone(lowered) -> tuple[Callable, list[jax.Array]]:
+    """The step's own fp32 matrix multiplies (from its StableHLO), as one program.
+
+    Each ``dot_general`` of the step runs on random operands of the same shapes,
+    independently of the others: the time the step would take if it did nothing but
+    its matrix multiplies, at the shapes its layers give them.
+    """
+    specs = []
+    for m in _DOT.finditer(lowered.as_text()):
+        lb, rb, lc, rc, lhs, rhs = m.groups()
+        shapes = [tuple(int(d) for d in t.split("x")) for t in (lhs, rhs)]
+        specs.append((shapes, ((_ints(lc), _ints(rc)), (_ints(lb), _ints(rb)))))
+    keys = jax.random.split(jax.random.key(3), 2 * len(specs))
+    operands = [
+        jax.random.normal(k, shape, jnp.float32)
+        for k, shape in zip(keys, [s for shapes, _ in specs for s in shapes], strict=True)
+    ]
+
+    def run(operands):
+        pairs = zip(operands[::2], operands[1::2], strict=True)
+        return [jax.lax.dot_general(a, b, dims) for (a, b), (_, dims) in zip(pairs, specs)]
+
+    return jax.jit(run), operands
 
 
 def _classifier(name: str, seed: int = 0):
@@ -82,7 +123,7 @@ def build(step: str, batch: int, rows: int):
     return trainer, data, context
 
 
-def measure(step: str, batch: int, repeats: int) -> dict:
+def measure(step: str, batch: int, gemm: Gemm, rounds: int, steps_per_round: int = 5) -> dict:
     rows = 8 * batch
     trainer, data, context = build(step, batch, rows)
     data = train.replicate(data, trainer.mesh)
@@ -93,7 +134,8 @@ def measure(step: str, batch: int, repeats: int) -> dict:
     args = (trainer.state, sums, data, order, jnp.int32(0), key, context)
 
     t = time.perf_counter()
-    compiled = trainer.step.lower(*args).compile()
+    lowered = trainer.step.lower(*args)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -105,23 +147,45 @@ def measure(step: str, batch: int, repeats: int) -> dict:
             memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
         )
 
+    dots, operands = matmuls_alone(lowered)
+    jax.block_until_ready(dots(operands))
     state = trainer.state
     for i in range(3):  # warm-up
         state, sums, loss = trainer.step(state, sums, data, order, jnp.int32(i % 8), key, context)
     loss.block_until_ready()
-    times = []
-    for i in range(repeats):
+    # Rounds of `steps_per_round` steps dispatched back to back (as `fit` does: it waits
+    # only every few steps), then as many runs of the step's matrix multiplies alone,
+    # then one GEMM. Ratios are taken per round, so a slow spell of this shared machine
+    # cancels out.
+    ms, fractions, bounds, shares = [], [], [], []
+    for r in range(rounds):
         t = time.perf_counter()
-        state, sums, loss = trainer.step(state, sums, data, order, jnp.int32(i % 8), key, context)
+        for i in range(steps_per_round):
+            index = jnp.int32((r * steps_per_round + i) % 8)
+            state, sums, loss = trainer.step(state, sums, data, order, index, key, context)
         loss.block_until_ready()
-        times.append(time.perf_counter() - t)
-    ms = float(np.median(times)) * 1e3
+        seconds = (time.perf_counter() - t) / steps_per_round
+        t = time.perf_counter()
+        for _ in range(steps_per_round):
+            out = dots(operands)
+        jax.block_until_ready(out)
+        dot_seconds = (time.perf_counter() - t) / steps_per_round
+        rate = gemm.rate()
+        ms.append(seconds * 1e3)
+        fractions.append(flops / seconds / rate)
+        bounds.append(flops / dot_seconds / rate)
+        shares.append(dot_seconds / seconds)
+    ms = float(np.median(ms))
     return {
         "ms_per_step": round(ms, 3),
         "samples_per_s": round(batch / ms * 1e3, 1),
         "compile_s": round(compile_s, 3),
         "gflop_per_step": round(flops / 1e9, 4),
         "achieved_gflops": round(flops / ms / 1e6, 2),
+        "fraction_of_gemm": round(float(np.median(fractions)), 3),
+        "fraction_of_gemm_iqr": [round(float(q), 3) for q in np.percentile(fractions, [25, 75])],
+        "matmul_bound": round(float(np.median(bounds)), 3),
+        "matmul_share": round(float(np.median(shares)), 3),
         "planned_bytes": planned,
     }
 
@@ -142,27 +206,28 @@ def main(argv=None) -> dict:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--batch-sizes", default="128,512")
     p.add_argument("--steps", default=",".join(STEPS))
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=20, help="timed rounds of 5 steps each")
     p.add_argument("--epoch", action="store_true", help="also time a 60,000-example epoch")
     args = p.parse_args(argv)
     train.enable_compilation_cache()
 
-    gemm = gemm_rate()
+    gemm = Gemm()
     out: dict = {
         "device": str(jax.devices()[0].device_kind),
         "devices": jax.device_count(),
-        "gemm_gflops": round(gemm / 1e9, 2),
+        "gemm_gflops": round(float(np.median([gemm.rate() for _ in range(10)])) / 1e9, 2),
     }
     for step in args.steps.split(","):
         out[step] = {}
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            r = measure(step, batch, args.repeats)
-            r["fraction_of_gemm"] = round(r["achieved_gflops"] * 1e9 / gemm, 3)
+            r = measure(step, batch, gemm, args.rounds)
             out[step][str(batch)] = r
             if not args.json:
                 print(f"{step:>15} b={batch:<4} {r['ms_per_step']:8.2f} ms "
                       f"{r['samples_per_s']:10.0f} samples/s  compile {r['compile_s']:.2f} s  "
-                      f"{r['achieved_gflops']:7.1f} GFLOP/s = {r['fraction_of_gemm']:.2f} of GEMM",
+                      f"{r['achieved_gflops']:7.1f} GFLOP/s = {r['fraction_of_gemm']:.2f} of GEMM "
+                      f"(matmuls alone {r['matmul_bound']:.2f}; "
+                      f"{r['matmul_share']:.0%} of the step)",
                       flush=True)  # fmt: skip
     if "student" in out and "distill_cached" in out:
         out["distill_cached_over_student"] = {

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdvae import sampling
+
 __all__ = [
     "CLASSIFIER_PRESETS",
     "VAE_PRESETS",
@@ -30,6 +32,7 @@ __all__ = [
     "VAEConfig",
     "build",
     "count_params",
+    "dropout",
     "make_classifier",
     "make_vae",
 ]
@@ -43,10 +46,24 @@ def _activation(name: str):
     return _ACTIVATIONS[name]
 
 
-def _dropout(layer: nnx.Dropout, x: jax.Array, key: jax.Array | None, index: int) -> jax.Array:
-    if key is None or layer.rate == 0.0:
+def dropout(key: jax.Array | None, x: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout: zero each entry with probability ``rate``, scale the rest by
+    ``1 / (1 - rate)``. ``key=None`` or ``rate=0`` returns ``x`` unchanged (evaluation).
+
+    The mask is ``jax.random.bernoulli(key, 1 - rate, x.shape)``, computed faster on
+    a CPU by :func:`kdvae.sampling.bernoulli`.
+    """
+    if key is None or rate == 0.0:
         return x
-    return layer(x, deterministic=False, rngs=jax.random.fold_in(key, index))
+    keep = 1.0 - rate
+    mask = sampling.bernoulli(key, keep, x.shape)
+    return jnp.where(mask, x * (1.0 / keep), jnp.zeros_like(x))
+
+
+def _check_rate(name: str, rate: float) -> float:
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {rate!r}.")
+    return float(rate)
 
 
 def _max_norm(kernel: nnx.Param, limit: float) -> None:
@@ -78,16 +95,17 @@ class MLPClassifier(nnx.Module):
         self.layers = nnx.List(
             [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
         )
-        self.input_dropout = nnx.Dropout(input_dropout)
-        self.hidden_dropout = nnx.Dropout(hidden_dropout)
+        self.input_dropout = _check_rate("input_dropout", input_dropout)
+        self.hidden_dropout = _check_rate("hidden_dropout", hidden_dropout)
         self.max_norm = max_norm
 
     def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         """``[B, 784]`` or ``[B, 28, 28, 1]`` images -> ``[B, num_classes]`` logits."""
         x = x.reshape(x.shape[0], -1)
-        x = _dropout(self.input_dropout, x, key, 0)
-        for i, layer in enumerate(self.layers[:-1]):
-            x = _dropout(self.hidden_dropout, jax.nn.relu(layer(x)), key, i + 1)
+        keys = [None] * len(self.layers) if key is None else jax.random.split(key, len(self.layers))
+        x = dropout(keys[0], x, self.input_dropout)
+        for layer, layer_key in zip(self.layers[:-1], keys[1:], strict=True):
+            x = dropout(layer_key, jax.nn.relu(layer(x)), self.hidden_dropout)
         return self.layers[-1](x)
 
     def constrain(self) -> None:
@@ -175,7 +193,7 @@ class CNNClassifier(nnx.Module):
         side = 28 // 2 ** len(channels)
         self.hidden = nnx.Linear(side * side * channels[-1], dense, rngs=rngs)
         self.out = nnx.Linear(dense, num_classes, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout)
+        self.dropout = _check_rate("dropout", dropout)
 
     def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         """``[B, 784]`` or ``[B, 28, 28, 1]`` images -> ``[B, num_classes]`` logits."""
@@ -183,7 +201,7 @@ class CNNClassifier(nnx.Module):
         for conv in self.convs:
             x = _max_pool_2x2(jax.nn.relu(conv(x)))
         x = jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1)))
-        return self.out(_dropout(self.dropout, x, key, 0))
+        return self.out(dropout(key, x, self.dropout))
 
     def constrain(self) -> None:
         """No weight constraint; present so every classifier has the same interface."""
