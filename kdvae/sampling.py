@@ -5,9 +5,10 @@ separate pass over memory: 4-8 ns per 32-bit word on these 2-core machines, agai
 1-2 ns for the same function unrolled into one fused element-wise loop. In Hinton's
 teacher (batch 512: 1.6 M dropout draws per step) that is 36 -> 30 ms per step.
 
-* :func:`random_bits`, :func:`uniform` and :func:`bernoulli` return *the same values*
-  as ``jax.random.bits``, ``jax.random.uniform`` and ``jax.random.bernoulli`` for the
-  same threefry key (tested bit for bit), only faster on a CPU. Keys of another
+* :func:`random_bits`, :func:`uniform`, :func:`normal` and :func:`bernoulli` return
+  *the same values* as their namesakes in ``jax.random`` for the same threefry key
+  (tested bit for bit under ``jax.jit``; called eagerly, a float may differ in the
+  last bit where XLA fuses a multiply-add), only faster on a CPU. Keys of another
   implementation (``rbg``, ...) are passed on to ``jax.random``.
 
 Packing several dropout draws into one word (one bit each at rate 0.5) was tried and
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-__all__ = ["bernoulli", "random_bits", "uniform"]
+__all__ = ["bernoulli", "normal", "random_bits", "uniform"]
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
@@ -66,16 +68,32 @@ def random_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     k = jax.random.key_data(key)
     counter = jax.lax.iota(jnp.uint32, n)
     x0, x1 = _threefry2x32(k[0], k[1], jnp.zeros_like(counter), counter)
-    # A fusion barrier: without it XLA fuses the hash into every consumer, recomputing
-    # it per use (the forward and backward dropout masks) and per unpacked bit field.
+    # A fusion barrier: without it XLA may fuse the hash into each of its consumers and
+    # compute it twice (the forward and the backward use of a dropout mask).
     return jax.lax.optimization_barrier(x0 ^ x1).reshape(shape)
 
 
-def uniform(key: jax.Array, shape: Sequence[int]) -> jax.Array:
-    """float32 ``shape`` in ``[0, 1)``; equals ``jax.random.uniform(key, shape)``."""
+def uniform(
+    key: jax.Array, shape: Sequence[int], minval: float = 0.0, maxval: float = 1.0
+) -> jax.Array:
+    """float32 ``shape`` in ``[minval, maxval)``; equals ``jax.random.uniform``'s."""
     mantissa = random_bits(key, shape) >> np.uint32(32 - 23)
     ones = np.array(1.0, np.float32).view(np.uint32)
-    return jax.lax.bitcast_convert_type(mantissa | ones, jnp.float32) - np.float32(1.0)
+    floats = jax.lax.bitcast_convert_type(mantissa | ones, jnp.float32) - np.float32(1.0)
+    lo, hi = np.float32(minval), np.float32(maxval)
+    return jnp.maximum(lo, floats * (hi - lo) + lo)
+
+
+def normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    """Standard normal ``shape``; equals ``jax.random.normal(key, shape, dtype)``.
+
+    Computed here for float32 (the inverse error function of a uniform on
+    ``(-1, 1)``, as JAX does), by ``jax.random.normal`` for other dtypes.
+    """
+    if jnp.dtype(dtype) != jnp.float32:
+        return jax.random.normal(key, shape, dtype)
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    return np.float32(np.sqrt(2)) * jax.scipy.special.erfinv(uniform(key, shape, lo, 1.0))
 
 
 def bernoulli(key: jax.Array, p: ArrayLike, shape: Sequence[int] | None = None) -> jax.Array:

@@ -31,6 +31,27 @@ def test_uniform_and_bernoulli_equal_jax_random(shape):
     )
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_normal_and_ranged_uniform_equal_jax_random_under_jit(shape):
+    key = jax.random.key(21)
+    np.testing.assert_array_equal(
+        jax.jit(lambda k: sampling.normal(k, shape))(key),
+        jax.jit(lambda k: jax.random.normal(k, shape))(key),
+    )
+    np.testing.assert_array_equal(
+        jax.jit(lambda k: sampling.uniform(k, shape, -2.0, 3.0))(key),
+        jax.jit(lambda k: jax.random.uniform(k, shape, minval=-2.0, maxval=3.0))(key),
+    )
+
+
+def test_normal_of_another_dtype_is_jax_random_normal():
+    key = jax.random.key(2)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        ours = sampling.normal(key, (4, 5), dtype)
+        assert ours.dtype == dtype
+        np.testing.assert_array_equal(ours, jax.random.normal(key, (4, 5), dtype))
+
+
 def test_bernoulli_broadcasts_p_over_shape():
     key = jax.random.key(1)
     p = jnp.array([0.0, 0.3, 1.0])
