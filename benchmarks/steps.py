@@ -1,10 +1,16 @@
 """Speed of kdvae's compiled train steps, beside the machine's fp32 GEMM rate.
 
 For each step (the MLP teacher, the CNN teacher, the student alone, distillation with
-a live teacher and with cached teacher logits, the VAE) and batch size: the median
-milliseconds per step over many steps, samples per second, the first call's compile
-time, XLA's FLOP count per step, the memory XLA plans for it, and the achieved FLOP
-rate as a fraction of a large fp32 matrix multiply measured in the same run.
+a live teacher and with cached teacher logits, the VAE) and batch size:
+
+* milliseconds per step (median over rounds of 5 steps dispatched back to back, as
+  ``kdvae.train.fit`` runs them) and samples per second;
+* the first call's compile time and the memory XLA plans for the step;
+* ``fraction_of_gemm``: the step's matrix-multiply FLOPs per second over the rate of
+  a 2048^2 fp32 GEMM timed between the rounds (per round, then the median);
+* ``matmul_bound``: the same fraction for the step's matrix multiplies run alone, at
+  their own shapes (the most the step could reach), and ``matmul_share``, their
+  part of the step's time.
 
     python benchmarks/steps.py                 # table
     python benchmarks/steps.py --json          # one JSON object
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -61,18 +68,26 @@ def _ints(text: str | None) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",")) if text and text.strip() else ()
 
 
-def matmuls_alone(lowered) -> tuple[Callable, list[jax.Array]]:
+def matmuls_alone(lowered) -> tuple[Callable, list[jax.Array], float]:
     """The step's own fp32 matrix multiplies (from its StableHLO), as one program.
 
     Each ``dot_general`` of the step runs on random operands of the same shapes,
     independently of the others: the time the step would take if it did nothing but
-    its matrix multiplies, at the shapes its layers give them.
+    its matrix multiplies, at the shapes its layers give them. Also returns their
+    FLOPs, the step's useful work (XLA's own count adds element-wise and integer
+    operations, such as the dropout masks' hashing).
     """
     specs = []
     for m in _DOT.finditer(lowered.as_text()):
         lb, rb, lc, rc, lhs, rhs = m.groups()
         shapes = [tuple(int(d) for d in t.split("x")) for t in (lhs, rhs)]
         specs.append((shapes, ((_ints(lc), _ints(rc)), (_ints(lb), _ints(rb)))))
+    flops = 0.0
+    for (lhs, rhs), ((lc, rc), (lb, rb)) in specs:
+        lhs_free = math.prod(d for i, d in enumerate(lhs) if i not in lc + lb)
+        rhs_free = math.prod(d for i, d in enumerate(rhs) if i not in rc + rb)
+        contracted = math.prod(lhs[i] for i in lc)
+        flops += 2.0 * math.prod(lhs[i] for i in lb) * lhs_free * rhs_free * contracted
     keys = jax.random.split(jax.random.key(3), 2 * len(specs))
     operands = [
         jax.random.normal(k, shape, jnp.float32)
@@ -83,7 +98,7 @@ def matmuls_alone(lowered) -> tuple[Callable, list[jax.Array]]:
         pairs = zip(operands[::2], operands[1::2], strict=True)
         return [jax.lax.dot_general(a, b, dims) for (a, b), (_, dims) in zip(pairs, specs)]
 
-    return jax.jit(run), operands
+    return jax.jit(run), operands, flops
 
 
 def _classifier(name: str, seed: int = 0):
@@ -137,9 +152,6 @@ def measure(step: str, batch: int, gemm: Gemm, rounds: int, steps_per_round: int
     lowered = trainer.step.lower(*args)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
     memory = compiled.memory_analysis()
     planned = None
     if memory is not None:
@@ -147,7 +159,7 @@ def measure(step: str, batch: int, gemm: Gemm, rounds: int, steps_per_round: int
             memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
         )
 
-    dots, operands = matmuls_alone(lowered)
+    dots, operands, flops = matmuls_alone(lowered)
     jax.block_until_ready(dots(operands))
     state = trainer.state
     for i in range(3):  # warm-up
