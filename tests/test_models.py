@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.test_util import check_grads
 
 from kdvae import models
 
@@ -137,6 +138,42 @@ def test_im2col_conv_equals_xla_same_convolution(kernel_size, features_in):
     ) + conv.bias[...]  # fmt: skip
     assert got.shape == (2, 12, 10, 6)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _reference_pool(x):
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def test_max_pool_equals_the_plain_max_and_its_gradient_without_ties():
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (2, 6, 4, 3), jnp.float64)
+        np.testing.assert_array_equal(models.max_pool_2x2(x), _reference_pool(x))
+        dy = jax.random.normal(jax.random.key(1), (2, 3, 2, 3), jnp.float64)
+        got = jax.vjp(models.max_pool_2x2, x)[1](dy)[0]
+        want = jax.vjp(_reference_pool, x)[1](dy)[0]
+        np.testing.assert_array_equal(got, want)
+        check_grads(models.max_pool_2x2, (x,), order=1, modes=["rev"])
+
+
+@pytest.mark.parametrize(
+    "window, winner",
+    [([[1, 1], [1, 1]], (0, 0)), ([[0, 2], [2, 2]], (0, 1)), ([[0, 1], [2, 2]], (1, 0)),
+     ([[0, 1], [1, 2]], (1, 1)), ([[-3, -3], [-5, -3]], (0, 0))],
+)  # fmt: skip
+def test_max_pool_gradient_goes_to_the_first_maximum(window, winner):
+    x = jnp.asarray(window, jnp.float32).reshape(1, 2, 2, 1)
+    grad = jax.grad(lambda x: 5.0 * models.max_pool_2x2(x).sum())(x).reshape(2, 2)
+    want = np.zeros((2, 2))
+    want[winner] = 5.0
+    np.testing.assert_array_equal(grad, want)
+
+
+def test_conv_with_max_pool_is_pool_of_the_conv():
+    conv = models.Conv(2, 4, rngs=nnx.Rngs(0))
+    conv.bias[...] = jax.random.normal(jax.random.key(1), (4,))
+    x = jax.random.normal(jax.random.key(2), (2, 8, 6, 2))
+    np.testing.assert_allclose(conv(x, max_pool=True), _reference_pool(conv(x)), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------ VAE
