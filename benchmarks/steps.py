@@ -5,7 +5,7 @@ a live teacher and with cached teacher logits, the VAE) and batch size:
 
 * milliseconds per step (median over rounds of 5 steps dispatched back to back, as
   ``kdvae.train.fit`` runs them) and samples per second;
-* the first call's compile time and the memory XLA plans for the step;
+* the step's compile time (cold: no persistent cache) and the memory XLA plans for it;
 * ``fraction_of_gemm``: the step's matrix-multiply FLOPs per second over the rate of
   a 2048^2 fp32 GEMM timed between the rounds (per round, then the median);
 * ``matmul_bound``: the same fraction for the step's matrix multiplies run alone, at
@@ -221,7 +221,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=20, help="timed rounds of 5 steps each")
     p.add_argument("--epoch", action="store_true", help="also time a 60,000-example epoch")
     args = p.parse_args(argv)
-    train.enable_compilation_cache()
+    # No persistent compilation cache here: compile_s is a cold compile.
 
     gemm = Gemm()
     out: dict = {
