@@ -5,7 +5,8 @@ a live teacher and with cached teacher logits, the VAE) and batch size:
 
 * milliseconds per step (median over rounds of 5 steps dispatched back to back, as
   ``kdvae.train.fit`` runs them) and samples per second;
-* the step's compile time (cold: no persistent cache) and the memory XLA plans for it;
+* the step's compile time (cold: no persistent cache), the memory XLA plans for it
+  and, on a GPU, the allocator's peak so far;
 * ``fraction_of_gemm``: the step's matrix-multiply FLOPs per second over the rate of
   a 2048^2 fp32 GEMM timed between the rounds (per round, then the median);
 * ``matmul_bound``: the same fraction for the step's matrix multiplies run alone, at
@@ -199,6 +200,9 @@ def measure(step: str, batch: int, gemm: Gemm, rounds: int, steps_per_round: int
         "matmul_bound": round(float(np.median(bounds)), 3),
         "matmul_share": round(float(np.median(shares)), 3),
         "planned_bytes": planned,
+        # The allocator's high-water mark so far in this process, where the device
+        # keeps one (GPUs, TPUs; not the CPU).
+        "device_peak_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
     }
 
 

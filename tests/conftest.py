@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import jax
@@ -11,6 +12,18 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cache
 from test_data import write_idx  # pytest puts tests/ on sys.path (rootdir conftest)
 
 from kdvae import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(relative_path: str):
+    """A script of the repository (``examples/...``, ``benchmarks/...``) as a module."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # Each class k lights a 7x7 block at its own place on a 3x4 grid of a 28x28 image.
 _BLOCK = 7

@@ -7,7 +7,6 @@ compiled steps between runs); one test runs a script as a subprocess for its exi
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 from test_data import mock_tfds
 
 from kdvae import data as kdata
@@ -30,23 +30,14 @@ STAGES = ("teacher", "student", "distilled")
 TINY = ["--val-size", "200", "--batch-size", "32", "--no-progress"]  # 600/200/200 examples
 
 
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"examples_{name}", REPO / "examples" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def distill_example():
-    return load_example("distill_mnist")
+    return load_script("examples/distill_mnist.py")
 
 
 @pytest.fixture(scope="module")
 def vae_example():
-    return load_example("vae_mnist")
+    return load_script("examples/vae_mnist.py")
 
 
 def run_main(example, argv: list[str]) -> str:

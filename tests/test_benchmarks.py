@@ -1,0 +1,66 @@
+"""The benchmark scripts run, report what they promise, and count FLOPs right.
+
+No speed is asserted here (timings live in the scripts' output, not in tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import load_script
+
+
+@pytest.fixture(scope="module")
+def steps():
+    return load_script("benchmarks/steps.py")
+
+
+def test_matmuls_alone_finds_every_matmul_of_a_step_and_counts_its_flops(steps):
+    batch = 16
+    trainer, data, context = steps.build("student", batch, 4 * batch)
+    sums = {k: jnp.float32(0) for k in trainer.metric_names(data, context)}
+    order = jnp.arange(4 * batch).reshape(4, batch)
+    lowered = trainer.step.lower(
+        trainer.state, sums, data, order, jnp.int32(0), jax.random.key(0), context
+    )
+    dots, operands, flops = steps.matmuls_alone(lowered)
+    # 784-800-800-10: three forward products, three weight gradients, and the input
+    # gradients of the two upper layers (none for the images).
+    sizes = [(784, 800), (800, 800), (800, 10)]
+    forward = sum(2 * batch * a * b for a, b in sizes)
+    assert flops == 3 * forward - 2 * batch * 784 * 800
+    outputs = dots(operands)
+    assert len(outputs) == 8 and all(o.dtype == jnp.float32 for o in outputs)
+
+
+def test_steps_json_reports_every_field(steps):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = steps.main(["--json", "--steps", "student,distill_cached,vae",
+                             "--batch-sizes", "16", "--rounds", "2"])  # fmt: skip
+    assert json.loads(out.getvalue()) == result
+    assert result["device"] and result["devices"] >= 1 and result["gemm_gflops"] > 0
+    for step in ("student", "distill_cached", "vae"):
+        r = result[step]["16"]
+        assert r["ms_per_step"] > 0 and r["samples_per_s"] > 0 and r["compile_s"] > 0
+        assert 0 < r["fraction_of_gemm"] and 0 < r["matmul_bound"] and 0 < r["matmul_share"]
+        assert r["planned_bytes"] > 0
+    ratio = result["distill_cached_over_student"]["16"]
+    assert ratio == pytest.approx(
+        result["distill_cached"]["16"]["ms_per_step"] / result["student"]["16"]["ms_per_step"],
+        abs=1e-3,
+    )
+
+
+def test_losses_benchmark_runs(tmp_path):
+    losses = load_script("benchmarks/losses.py")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        losses.main(["--repeats", "2", "--calls", "1", "--distillation-batches", "8",
+                     "--elbo-batches", "8", "--json", str(tmp_path / "out.json")])  # fmt: skip
+    assert (tmp_path / "out.json").exists() and "distillation" in out.getvalue()
