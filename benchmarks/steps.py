@@ -16,6 +16,8 @@ a live teacher and with cached teacher logits, the VAE) and batch size:
     python benchmarks/steps.py                 # table
     python benchmarks/steps.py --json          # one JSON object
     python benchmarks/steps.py --epoch         # also one full 60,000-example epoch each
+    python benchmarks/steps.py --ablations     # also what dropout, max-norm, Adam and
+                                               # binarization cost the teacher and VAE
 
 Targets (batch 512, CPU): teacher >= 0.85, distill_cached >= 0.90, vae >= 0.80 of
 the GEMM rate; distill_cached <= 1.1x the student step; compile < 2 s.
@@ -24,6 +26,7 @@ the GEMM rate; distill_cached <= 1.1x the student step; compile < 2 s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -102,12 +105,29 @@ def matmuls_alone(lowered) -> tuple[Callable, list[jax.Array], float]:
     return jax.jit(run), operands, flops
 
 
-def _classifier(name: str, seed: int = 0):
-    return models.make_classifier(models.CLASSIFIER_PRESETS[name], rngs=nnx.Rngs(seed))
+def _classifier(name: str, seed: int = 0, without: tuple[str, ...] = ()):
+    config = models.CLASSIFIER_PRESETS[name]
+    if "dropout" in without:
+        config = dataclasses.replace(config, input_dropout=0.0, hidden_dropout=0.0)
+    if "max_norm" in without:
+        config = dataclasses.replace(config, max_norm=None)
+    return models.make_classifier(config, rngs=nnx.Rngs(seed))
 
 
-def build(step: str, batch: int, rows: int):
-    """A Trainer, its data and context for one benchmarked step."""
+# What --ablations takes out of a step, one part at a time and all together.
+ABLATIONS = {
+    "teacher": ("dropout", "max_norm", "adam"),
+    "vae": ("binarization", "adam"),
+}
+
+
+def build(step: str, batch: int, rows: int, without: tuple[str, ...] = ()):
+    """A Trainer, its data and context for one benchmarked step.
+
+    ``without`` takes parts out, to see what they cost: ``"dropout"``, ``"max_norm"``
+    (the teacher's), ``"binarization"`` (the VAE's dynamic one, for a fixed threshold)
+    and ``"adam"`` (plain SGD instead).
+    """
     images = jax.random.randint(jax.random.key(0), (rows, 28, 28, 1), 0, 256).astype(jnp.uint8)
     labels = jax.random.randint(jax.random.key(1), (rows,), 0, 10)
     data = {"images": images, "labels": labels}
@@ -116,7 +136,7 @@ def build(step: str, batch: int, rows: int):
         preset = {"teacher": "hinton_teacher", "cnn_teacher": "cnn_teacher"}.get(
             step, "hinton_student"
         )
-        model, loss_fn = _classifier(preset), objectives.classification_loss()
+        model, loss_fn = _classifier(preset, without=without), objectives.classification_loss()
     elif step.startswith("distill"):
         teacher = _classifier("hinton_teacher", 1)
         graphdef, teacher_state = nnx.split(teacher)
@@ -130,13 +150,53 @@ def build(step: str, batch: int, rows: int):
             context = {"teacher": teacher_state}
     elif step == "vae":
         model = models.make_vae(models.VAE_PRESETS["flax"], rngs=nnx.Rngs(0))
-        loss_fn = objectives.vae_objective()
+        loss_fn = objectives.vae_objective(dynamic_binarization="binarization" not in without)
         data = {"images": images}
         context = {"epoch": jnp.int32(0)}
     else:
         raise ValueError(f"unknown step {step!r}")
-    trainer = train.Trainer(model, optax.adam(1e-3), loss_fn)
-    return trainer, data, context
+    tx = optax.sgd(1e-3) if "adam" in without else optax.adam(1e-3)
+    return train.Trainer(model, tx, loss_fn), data, context
+
+
+def ablate(step: str, batch: int, rounds: int, steps_per_round: int = 5) -> dict[str, float]:
+    """Median ms per step of ``step`` whole and without each of its parts (and all).
+
+    The variants are timed in interleaved rounds, so their differences are what each
+    part costs, measured under the same conditions.
+    """
+    parts = ABLATIONS[step]
+    variants = {"whole": (), **{f"without {p}": (p,) for p in parts}, "without all": parts}
+    runners = {}
+    for name, without in variants.items():
+        trainer, data, context = build(step, batch, 8 * batch, without)
+        data, context = train.replicate((data, context), trainer.mesh)
+        order = jnp.arange(8 * batch).reshape(8, batch)
+        sums = {k: jnp.float32(0) for k in trainer.metric_names(data, context)}
+        runners[name] = _runner(trainer, data, context, order, sums, steps_per_round)
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            times[name].append(run())
+    return {name: round(float(np.median(t)) * 1e3, 3) for name, t in times.items()}
+
+
+def _runner(trainer, data, context, order, sums, steps_per_round):
+    """A function timing ``steps_per_round`` steps back to back (seconds per step)."""
+    state = [trainer.state, sums]
+    key = jax.random.key(0)
+
+    def run():
+        t = time.perf_counter()
+        for i in range(steps_per_round):
+            state[0], state[1], loss = trainer.step(
+                state[0], state[1], data, order, jnp.int32(i % 8), key, context
+            )
+        loss.block_until_ready()
+        return (time.perf_counter() - t) / steps_per_round
+
+    run()  # compile and warm up
+    return run
 
 
 def measure(step: str, batch: int, gemm: Gemm, rounds: int, steps_per_round: int = 5) -> dict:
@@ -224,6 +284,10 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", default=",".join(STEPS))
     p.add_argument("--rounds", type=int, default=20, help="timed rounds of 5 steps each")
     p.add_argument("--epoch", action="store_true", help="also time a 60,000-example epoch")
+    p.add_argument(
+        "--ablations", action="store_true",
+        help="also time the teacher and VAE steps without each of their parts (batch 512)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     # No persistent compilation cache here: compile_s is a cold compile.
 
@@ -252,11 +316,13 @@ def main(argv=None) -> dict:
         }
     if args.epoch:
         out["epoch_seconds"] = {s: epoch_seconds(s) for s in args.steps.split(",")}
+    if args.ablations:
+        out["ablations_ms"] = {s: ablate(s, 512, args.rounds) for s in ABLATIONS}
     if args.json:
         print(json.dumps(out, indent=1))
     else:
         print(f"GEMM: {out['gemm_gflops']} GFLOP/s on {out['device']}")
-        for k in ("distill_cached_over_student", "epoch_seconds"):
+        for k in ("distill_cached_over_student", "epoch_seconds", "ablations_ms"):
             if k in out:
                 print(f"{k}: {out[k]}")
     return out

@@ -64,3 +64,26 @@ def test_losses_benchmark_runs(tmp_path):
         losses.main(["--repeats", "2", "--calls", "1", "--distillation-batches", "8",
                      "--elbo-batches", "8", "--json", str(tmp_path / "out.json")])  # fmt: skip
     assert (tmp_path / "out.json").exists() and "distillation" in out.getvalue()
+
+
+def test_ablations_take_the_parts_out(steps):
+    trainer, _, _ = steps.build("teacher", 16, 64, ("dropout", "max_norm", "adam"))
+    model = trainer.model
+    assert (model.input_dropout, model.hidden_dropout, model.max_norm) == (0.0, 0.0, None)
+    whole, _, _ = steps.build("teacher", 16, 64)
+    assert whole.model.hidden_dropout == 0.5 and whole.model.max_norm == 3.5
+    # SGD keeps no moments; Adam keeps two per parameter.
+    assert len(jax.tree.leaves(trainer.state)) < len(jax.tree.leaves(whole.state))
+    times = steps.ablate("vae", 16, rounds=1)
+    assert set(times) == {"whole", "without binarization", "without adam", "without all"}
+    assert all(t > 0 for t in times.values())
+
+
+def test_sampling_benchmark_checks_equal_draws_and_reports_speedups():
+    sampling = load_script("benchmarks/sampling.py")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = sampling.main(["--rounds", "1", "--json"])
+    assert json.loads(out.getvalue()) == result
+    rows = [v for k, v in result.items() if k != "device"]
+    assert len(rows) == 6 and all(r["speedup"] > 0 and r["draws"] > 0 for r in rows)
