@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     out: dict = {"device": str(jax.devices()[0].device_kind)}
     for what, n in SIZES.items():
         for name, (ours, theirs) in PAIRS.items():
-            fns = [jax.jit(lambda k, f=f: f(k, n)) for f in (ours, theirs)]
+            fns = [jax.jit(lambda k, f=f, n=n: f(k, n)) for f in (ours, theirs)]
             np.testing.assert_array_equal(fns[0](key), fns[1](key))
             times = [[], []]
             for _ in range(args.rounds):

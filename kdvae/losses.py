@@ -574,7 +574,10 @@ def bernoulli_log_likelihood(logits: ArrayLike, x: ArrayLike, *, event_ndim: int
         ) from err
     axes = _check_event_ndim(event_ndim, len(shape))
     logits, x = jnp.broadcast_to(logits, shape), jnp.broadcast_to(x, shape)
-    nll = jnp.maximum(logits, 0.0) - logits * x + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    # where(l >= 0, l, 0), not maximum(l, 0): JAX gives maximum slope 1/2 at 0 but abs
+    # slope 1, which would make the gradient at l = 0 x - 1 instead of x - 1/2.
+    relu = jnp.where(logits >= 0, logits, 0.0)
+    nll = relu - logits * x + jnp.log1p(jnp.exp(-jnp.abs(logits)))
     return -jnp.sum(nll, axis=axes)
 
 
@@ -786,7 +789,7 @@ def iwae_bound(
     def log_weights(chunk_index: jax.Array) -> jax.Array:  # [chunk, B]
         index = chunk_index * chunk + jnp.arange(chunk)
         eps = jax.vmap(
-            lambda i: jax.random.normal(jax.random.fold_in(key, i), mean.shape, mean.dtype)
+            lambda i: sampling.normal(jax.random.fold_in(key, i), mean.shape, mean.dtype)
         )(index)
         z = mean + std * eps
         log_px_z = _log_likelihood(likelihood, _decode(decoder, z), x, event_ndim)

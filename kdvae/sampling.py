@@ -99,7 +99,10 @@ def normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> ja
 def bernoulli(key: jax.Array, p: ArrayLike, shape: Sequence[int] | None = None) -> jax.Array:
     """bool ``shape`` (default ``p``'s), True with probability ``p``.
 
-    Equals ``jax.random.bernoulli(key, p, shape)`` for float32 ``p``.
+    Equals ``jax.random.bernoulli(key, p, shape)``: computed here when ``p`` is float32
+    (a Python float, unless 64-bit mode is on), by ``jax.random.bernoulli`` otherwise.
     """
-    p = jnp.asarray(p, jnp.float32)
-    return uniform(key, p.shape if shape is None else shape) < p
+    p_array = jnp.asarray(p)
+    if p_array.dtype != jnp.float32:
+        return jax.random.bernoulli(key, p, shape)
+    return uniform(key, p_array.shape if shape is None else shape) < p_array

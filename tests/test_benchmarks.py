@@ -87,3 +87,16 @@ def test_sampling_benchmark_checks_equal_draws_and_reports_speedups():
     assert json.loads(out.getvalue()) == result
     rows = [v for k, v in result.items() if k != "device"]
     assert len(rows) == 6 and all(r["speedup"] > 0 and r["draws"] > 0 for r in rows)
+
+
+def test_matmuls_alone_refuses_products_it_would_count_wrong(steps):
+    a = jnp.ones((4, 4))
+    in_loop = jax.jit(lambda a: jax.lax.fori_loop(0, 3, lambda i, x: x @ a, a)).lower(a)
+    with pytest.raises(NotImplementedError, match="outside @main|loop"):
+        steps.matmuls_alone(in_loop)
+    inner = jax.jit(lambda a: a @ a)
+    called_twice = jax.jit(lambda a: inner(a) + inner(2 * a)).lower(a)
+    with pytest.raises(NotImplementedError, match="outside @main"):
+        steps.matmuls_alone(called_twice)
+    with pytest.raises(ValueError, match="no fp32 matrix multiply"):
+        steps.matmuls_alone(jax.jit(lambda a: a + 1).lower(a))

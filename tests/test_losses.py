@@ -347,6 +347,16 @@ def test_bernoulli_log_likelihood_matches_numpy(event_ndim):
     assert_close(out, np_bernoulli_log_likelihood(logits, x, event_ndim))
 
 
+def test_bernoulli_log_likelihood_gradient_is_x_minus_sigmoid_also_at_zero():
+    # d/dl log p(x | l) = x - sigmoid(l) everywhere, including the kink of the stable
+    # form at l = 0 (a zero-initialised decoder's logits), and at huge |l|.
+    logits = jnp.array([0.0, 0.0, 0.0, 3.0, -2.0, 1e4, -1e4, 0.0])
+    x = jnp.array([0.0, 0.5, 1.0, 1.0, 0.0, 0.3, 1.0, 0.25])
+    grad = jax.grad(lambda z: losses.bernoulli_log_likelihood(z, x, event_ndim=1))(logits)
+    sigmoid = 0.5 * (1 + np.tanh(0.5 * np.asarray(logits, np.float64)))
+    assert_close(grad, np.asarray(x) - sigmoid)
+
+
 @pytest.mark.parametrize("event_ndim", [1, 2])
 def test_gaussian_log_likelihood_matches_numpy(event_ndim):
     rng = np.random.default_rng(11)

@@ -153,7 +153,7 @@ def test_max_pool_equals_the_plain_max_and_its_gradient_without_ties():
         got = jax.vjp(models.max_pool_2x2, x)[1](dy)[0]
         want = jax.vjp(_reference_pool, x)[1](dy)[0]
         np.testing.assert_array_equal(got, want)
-        check_grads(models.max_pool_2x2, (x,), order=1, modes=["rev"])
+        check_grads(models.max_pool_2x2, (x,), order=1, modes=["fwd", "rev"])
 
 
 @pytest.mark.parametrize(
@@ -167,6 +167,11 @@ def test_max_pool_gradient_goes_to_the_first_maximum(window, winner):
     want = np.zeros((2, 2))
     want[winner] = 5.0
     np.testing.assert_array_equal(grad, want)
+
+
+def test_max_pool_refuses_an_odd_size():
+    with pytest.raises(ValueError, match="even height and width, got 7x6"):
+        models.max_pool_2x2(jnp.zeros((1, 7, 6, 2)))
 
 
 def test_conv_with_max_pool_is_pool_of_the_conv():

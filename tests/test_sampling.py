@@ -90,3 +90,25 @@ def test_dropout_mask_is_jax_bernoulli_and_keeps_the_mean():
 def test_dropout_rate_outside_zero_one_is_refused(rate):
     with pytest.raises(ValueError, match=r"hidden_dropout must be in \[0, 1\)"):
         models.MLPClassifier((8,), hidden_dropout=rate, rngs=nnx.Rngs(0))
+
+
+def test_the_fast_path_is_taken_for_threefry_keys():
+    # The equality tests above would also pass if everything fell back to jax.random;
+    # this one fails then: the fast path binds no random_bits primitive (JAX's, lowered
+    # as the rolled threefry loop).
+    key = jax.random.key(0)
+    for fn in (
+        lambda k: sampling.random_bits(k, (8,)),
+        lambda k: sampling.bernoulli(k, 0.8, (8,)),
+        lambda k: sampling.normal(k, (8,)),
+    ):
+        assert "random_bits[" not in str(jax.make_jaxpr(fn)(key))
+    assert "random_bits[" in str(jax.make_jaxpr(lambda k: jax.random.bits(k, (8,)))(key))
+
+
+def test_bernoulli_of_other_dtypes_is_jax_random_bernoulli():
+    key = jax.random.key(4)
+    p = jnp.full((50,), 0.3, jnp.bfloat16)
+    np.testing.assert_array_equal(sampling.bernoulli(key, p), jax.random.bernoulli(key, p))
+    with pytest.raises(TypeError):
+        sampling.bernoulli(key, jnp.ones(3, jnp.int32))
