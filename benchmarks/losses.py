@@ -175,28 +175,25 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
 
-    kd_distill = jax.jit(jax.value_and_grad(kdvae_distillation))
-    plain_distill = jax.jit(jax.value_and_grad(plain_distillation))
-    kd_elbo = jax.jit(jax.value_and_grad(kdvae_elbo))
-    plain_elbo_ = jax.jit(jax.value_and_grad(plain_elbo))
+    cases = [  # (name, kdvae, plain, inputs, batches, rtol of the agreement check)
+        (f"distillation value+grad  B={{:<5}} C={NUM_CLASSES}", kdvae_distillation,
+         plain_distillation, distillation_inputs, args.distillation_batches, 1e-5),
+        ("elbo value+grad (MLP) B={:<5}", kdvae_elbo, plain_elbo, elbo_inputs,
+         args.elbo_batches, 1e-4),
+    ]  # fmt: skip
 
     print(
         f"{'':<38} kdvae / plain per call, median of {args.repeats} interleaved rounds "
         "[IQR of the per-round ratio]"
     )
     results = []
-    for batch in args.distillation_batches:
-        inputs = distillation_inputs(batch)
-        check_agree(kd_distill, plain_distill, inputs, rtol=1e-5)
-        name = f"distillation value+grad  B={batch:<5} C={NUM_CLASSES}"
-        results.append(compare(name, kd_distill, plain_distill, inputs, args.repeats, args.calls))
-        print(_row(results[-1]), flush=True)
-    for batch in args.elbo_batches:
-        inputs = elbo_inputs(batch)
-        check_agree(kd_elbo, plain_elbo_, inputs, rtol=1e-4)
-        name = f"elbo value+grad (MLP) B={batch:<5}"
-        results.append(compare(name, kd_elbo, plain_elbo_, inputs, args.repeats, args.calls))
-        print(_row(results[-1]), flush=True)
+    for name, kdvae_fn, plain_fn, make_inputs, batches, rtol in cases:
+        kd, plain = (jax.jit(jax.value_and_grad(f)) for f in (kdvae_fn, plain_fn))
+        for batch in batches:
+            inputs = make_inputs(batch)
+            check_agree(kd, plain, inputs, rtol=rtol)
+            results.append(compare(name.format(batch), kd, plain, inputs, args.repeats, args.calls))
+            print(_row(results[-1]), flush=True)
 
     if args.json:
         meta = {

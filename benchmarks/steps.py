@@ -184,7 +184,7 @@ def ablate(step: str, batch: int, rounds: int, steps_per_round: int = 5) -> dict
         trainer, data, context = build(step, batch, 8 * batch, without)
         data, context = train.replicate((data, context), trainer.mesh)
         order = jnp.arange(8 * batch).reshape(8, batch)
-        sums = {k: jnp.float32(0) for k in trainer.metric_names(data, context)}
+        sums = trainer.metric_sums(dict.fromkeys(trainer.metric_names(data, context), 0.0))
         runners[name] = _runner(trainer, data, context, order, sums, steps_per_round)
     times = {name: [] for name in runners}
     for _ in range(rounds):
@@ -217,7 +217,7 @@ def measure(step: str, batch: int, gemm: Gemm, rounds: int, steps_per_round: int
     data = train.replicate(data, trainer.mesh)
     context = train.replicate(context, trainer.mesh)
     order = jnp.arange(rows).reshape(8, batch)
-    sums = {k: jnp.float32(0) for k in trainer.metric_names(data, context)}
+    sums = trainer.metric_sums(dict.fromkeys(trainer.metric_names(data, context), 0.0))
     key = jax.random.key(0)
     args = (trainer.state, sums, data, order, jnp.int32(0), key, context)
 

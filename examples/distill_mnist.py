@@ -33,9 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-jitter", type=int, help="jitter the teacher's inputs (pixels)")
     p.add_argument(
         "--cache-teacher",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="compute the teacher's logits once for the transfer set",
+        help="compute the teacher's logits once for the transfer set (the default), "
+        "or run the teacher in every step",
     )
     p.add_argument(
         "--teacher-checkpoint", help="reuse a trained teacher: <workdir>/teacher/checkpoints"

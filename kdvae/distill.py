@@ -67,7 +67,9 @@ class DistillConfig:
     batch_size: int = 128
     learning_rate: float = 1e-3
     teacher_jitter: int = 0
-    cache_teacher: bool = False
+    # The students see unjittered images and the teacher runs in evaluation mode, so its
+    # logits are the same every epoch: computed once unless False (then in every step).
+    cache_teacher: bool = True
     omit_classes: tuple[int, ...] = ()
     keep_classes: tuple[int, ...] | None = None
     teacher_checkpoint: str | None = None
@@ -366,7 +368,7 @@ def run(config: DistillConfig, dataset: kdata.Dataset | None = None) -> dict[str
     if config.cache_teacher:
         transfer_data["teacher_logits"] = _logits(teacher, transfer.images)
     else:
-        teacher_state = train.replicate(nnx.state(teacher), train.data_mesh())
+        teacher_state = nnx.state(teacher)  # fit places the context on its mesh
 
         def context(epoch):
             return {"teacher": teacher_state}

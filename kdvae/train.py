@@ -212,6 +212,14 @@ class Trainer:
         """The model's part of the state (without the optimizer)."""
         return nnx.state(self.model)
 
+    def metric_sums(self, values: Mapping[str, float]) -> dict[str, jax.Array]:
+        """The step's running metric sums, float32 scalars placed as the step returns them.
+
+        Placed on the mesh (replicated): unplaced scalars would be another input
+        signature than the step's own outputs, and the second step would compile again.
+        """
+        return replicate({k: np.float32(v) for k, v in values.items()}, self.mesh)
+
     def metric_names(self, data: Mapping[str, jax.Array], context: Any) -> tuple[str, ...]:
         """Names of the metrics the step reports (shape-only evaluation, no compute)."""
         model = self.model
@@ -582,8 +590,8 @@ def fit(
                 order = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
                 order = jax.device_put(order, order_sharding)
                 epoch_key = jax.random.fold_in(step_key, epoch)
-                ctx = context(epoch)
-                sums = {k: jnp.float32(v) for k, v in sums_host.items()}
+                ctx = replicate(context(epoch), mesh)
+                sums = trainer.metric_sums(sums_host)
                 step0 = start_step if epoch == start_epoch else 0
                 window, window_start, tick = [], step0, t0
                 for i in range(step0, steps_per_epoch):

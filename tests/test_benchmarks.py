@@ -23,7 +23,7 @@ def steps():
 def test_matmuls_alone_finds_every_matmul_of_a_step_and_counts_its_flops(steps):
     batch = 16
     trainer, data, context = steps.build("student", batch, 4 * batch)
-    sums = {k: jnp.float32(0) for k in trainer.metric_names(data, context)}
+    sums = trainer.metric_sums(dict.fromkeys(trainer.metric_names(data, context), 0.0))
     order = jnp.arange(4 * batch).reshape(4, batch)
     lowered = trainer.step.lower(
         trainer.state, sums, data, order, jnp.int32(0), jax.random.key(0), context
