@@ -27,6 +27,7 @@ from kdvae import sampling
 __all__ = [
     "ELBOTerms",
     "bernoulli_log_likelihood",
+    "check_distillation_settings",
     "diagonal_gaussian_kl",
     "distillation_loss",
     "elbo",
@@ -68,6 +69,8 @@ def _check_temperature(temperature: Any) -> None:
 
 
 def _check_alpha(alpha: Any) -> None:
+    if alpha is None:
+        raise ValueError("alpha (the weight of the hard-label term) is required with labels.")
     if isinstance(alpha, jax.core.Tracer):
         return
     try:
@@ -294,6 +297,19 @@ def _sum_plogq(p: jax.Array, log_q: jax.Array, axis: int) -> jax.Array:
 _SOFT_LOSSES = ("kl", "ce")
 
 
+def _check_soft_loss(soft_loss: Any) -> None:
+    if soft_loss not in _SOFT_LOSSES:
+        raise ValueError(f"soft_loss must be one of {_SOFT_LOSSES}, got {soft_loss!r}.")
+
+
+def check_distillation_settings(temperature: Any, alpha: Any, soft_loss: Any = "kl") -> None:
+    """Raise the error :func:`distillation_loss` (with labels) would raise for these
+    settings, without computing anything: for objectives built ahead of their data."""
+    _check_temperature(temperature)
+    _check_soft_loss(soft_loss)
+    _check_alpha(alpha)
+
+
 def distillation_loss(
     student_logits: ArrayLike,
     teacher_logits: ArrayLike,
@@ -355,8 +371,7 @@ def distillation_loss(
       https://arxiv.org/abs/1503.02531
     """
     _check_temperature(temperature)
-    if soft_loss not in _SOFT_LOSSES:
-        raise ValueError(f"soft_loss must be one of {_SOFT_LOSSES}, got {soft_loss!r}.")
+    _check_soft_loss(soft_loss)
     student = _float_array("student_logits", student_logits)
     teacher = _float_array("teacher_logits", teacher_logits)
     if student.shape != teacher.shape:
@@ -372,8 +387,6 @@ def distillation_loss(
                 "leave alpha unset to get the soft term alone."
             )
     else:
-        if alpha is None:
-            raise ValueError("alpha (the weight of the hard-label term) is required with labels.")
         _check_alpha(alpha)
 
     teacher = jax.lax.stop_gradient(teacher)

@@ -26,8 +26,11 @@ __all__ = [
 
 
 def to_unit_float(images: jax.Array) -> jax.Array:
-    """uint8 images ``[B, 28, 28, 1]`` -> float32 ``[B, 28, 28, 1]`` in ``[0, 1]``."""
-    return images.astype(jnp.float32) / 255.0
+    """uint8 images ``[B, 28, 28, 1]`` -> float32 ``[B, 28, 28, 1]`` in ``[0, 1]``.
+
+    :func:`kdvae.data.to_float`, keeping the image shape (for :func:`jitter`).
+    """
+    return data.to_float(images).reshape(images.shape)
 
 
 def jitter(key: jax.Array, x_BHWC: jax.Array, *, max_shift: int = 2) -> jax.Array:
@@ -86,10 +89,7 @@ def distillation_objective(
     ``teacher_graphdef`` and ``context["teacher"]``, in evaluation mode) on the same
     (possibly jittered) inputs as the student.
     """
-    losses.distillation_loss(  # validate temperature, alpha and soft_loss now, not at trace
-        jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.zeros((1,), jnp.int32),
-        temperature=temperature, alpha=alpha, soft_loss=soft_loss,
-    )  # fmt: skip
+    losses.check_distillation_settings(temperature, alpha, soft_loss)  # now, not at trace
 
     def loss_fn(model: nnx.Module, batch: dict, key: jax.Array, context: Any):
         jitter_key, dropout_key = jax.random.split(key)

@@ -563,7 +563,7 @@ def fit(
         checkpointer.save(epoch * steps_per_epoch + step, trainer.state, best_state, meta)
 
     def first_bad(losses: list, epoch: int, first_step: int) -> None:
-        values = np.asarray(jnp.stack(losses))
+        values = np.asarray(jax.device_get(losses))
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
             raise NonFiniteError(
