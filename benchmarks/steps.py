@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from kdvae import models, objectives, train
+from kdvae import distill, models, train, vae
 
 STEPS = ("teacher", "cnn_teacher", "student", "distill_live", "distill_cached", "vae")
 
@@ -148,12 +148,12 @@ def build(step: str, batch: int, rows: int, without: tuple[str, ...] = ()):
         preset = {"teacher": "hinton_teacher", "cnn_teacher": "cnn_teacher"}.get(
             step, "hinton_student"
         )
-        model, loss_fn = _classifier(preset, without=without), objectives.classification_loss()
+        model, loss_fn = _classifier(preset, without=without), distill.classification_loss()
     elif step.startswith("distill"):
         teacher = _classifier("hinton_teacher", 1)
         graphdef, teacher_state = nnx.split(teacher)
         model = _classifier("hinton_student")
-        loss_fn = objectives.distillation_objective(
+        loss_fn = distill.distillation_objective(
             temperature=4.0, alpha=0.5, teacher_graphdef=graphdef
         )
         if step == "distill_cached":
@@ -162,7 +162,7 @@ def build(step: str, batch: int, rows: int, without: tuple[str, ...] = ()):
             context = {"teacher": teacher_state}
     elif step == "vae":
         model = models.make_vae(models.VAE_PRESETS["flax"], rngs=nnx.Rngs(0))
-        loss_fn = objectives.vae_objective(dynamic_binarization="binarization" not in without)
+        loss_fn = vae.objective(dynamic_binarization="binarization" not in without)
         data = {"images": images}
         context = {"epoch": jnp.int32(0)}
     else:
@@ -283,9 +283,13 @@ def epoch_seconds(step: str, batch: int = 128, rows: int = 60_000) -> float:
     trainer, data, context = build(step, batch, rows)
     t = time.perf_counter()
     train.fit(
-        trainer, data, epochs=1, batch_size=batch, seed=0, evaluate=lambda m, e: {},
-        context=lambda e: context, progress=False,
-    )  # fmt: skip
+        trainer,
+        data,
+        train.Loop(epochs=1, batch_size=batch, seed=0),
+        evaluate=lambda m, e: {},
+        context=lambda e: context,
+        stage=train.Stage(progress=False),
+    )
     return round(time.perf_counter() - t, 2)
 
 

@@ -5,7 +5,7 @@ every epoch and, at the end, the importance-sampled test negative log-likelihood
 writes results.json, metrics.jsonl, figures and checkpoints to --workdir.
 
     python examples/vae_mnist.py                                   # flax preset, MNIST
-    python examples/vae_mnist.py --dataset fashion_mnist \
+    python examples/vae_mnist.py --dataset fashion_mnist \\
         --data-dir /usr/share/datasets/fashion-mnist               # offline IDX files
     python examples/vae_mnist.py --preset 2d --epochs 30           # latent-space pictures
     python examples/vae_mnist.py --preset iwae --objective iwae --k 50 --eval-k 5000
@@ -13,50 +13,150 @@ writes results.json, metrics.jsonl, figures and checkpoints to --workdir.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
+import time
 from pathlib import Path
 
-from kdvae import cli, vae
+import jax
+import jax.numpy as jnp
+import optax
+
+from kdvae import cli, config, data, models, train, vae
+from kdvae.config import setting
+
+AT_LEAST_0, AT_LEAST_1 = config.at_least(0), config.at_least(1)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = cli.parser(__doc__, default_workdir="runs/vae")
-    p.add_argument("--preset", default="flax", help="model: flax (default) | iwae | 2d")
-    p.add_argument("--epochs", type=int, help="default 20")
-    p.add_argument("--latents", type=int, help="latent size (default: the preset's)")
-    p.add_argument("--batch-size", type=int, help="default 128")
-    p.add_argument("--lr", type=float, dest="learning_rate", help="Adam learning rate (1e-3)")
-    p.add_argument("--objective", choices=("elbo", "iwae"), help="training bound (elbo)")
-    p.add_argument("--num-samples", type=int, help="z samples per example for the ELBO (1)")
-    p.add_argument("--k", type=int, help="importance samples for --objective iwae (5)")
-    p.add_argument("--beta", type=float, help="KL weight (1: the true ELBO)")
-    p.add_argument("--kl-warmup-epochs", type=int, help="anneal the KL weight over n epochs")
-    p.add_argument("--free-bits", type=float, help="nats per latent not penalised (0)")
-    p.add_argument("--binarization", choices=("dynamic", "threshold"), help="(dynamic)")
-    p.add_argument("--eval-k", type=int, help="importance samples for the test NLL (1000)")
-    p.add_argument("--eval-examples", type=int, help="test images for the NLL (all)")
-    return p.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Settings(config.Common):
+    """Every setting of a run, each declared once."""
+
+    workdir: str = setting("runs/vae", "where outputs and checkpoints go", training=False)
+    preset: str = setting("flax", "the model", choices=tuple(models.VAE_PRESETS))
+    latents: int | None = setting(None, "latent size (default: the preset's)", check=AT_LEAST_1)
+    epochs: int = setting(20, "training epochs", check=AT_LEAST_1)
+    batch_size: int = setting(128, "global batch size", check=AT_LEAST_1)
+    learning_rate: float = setting(1e-3, "Adam learning rate", check=config.POSITIVE, flag="lr")
+    objective: str = setting("elbo", "training bound", choices=("elbo", "iwae"))
+    num_samples: int = setting(1, "z samples per example for the ELBO", check=AT_LEAST_1)
+    k: int = setting(5, "importance samples for --objective iwae", check=AT_LEAST_1)
+    beta: float = setting(1.0, "KL weight (1: the true ELBO)", check=AT_LEAST_0)
+    kl_warmup_epochs: int = setting(0, "anneal the KL weight over n epochs", check=AT_LEAST_0)
+    free_bits: float = setting(0.0, "nats per latent not penalised", check=AT_LEAST_0)
+    binarization: str = setting("dynamic", "of the grey levels", choices=("dynamic", "threshold"))
+    eval_k: int = setting(
+        1000, "importance samples for the test NLL", check=AT_LEAST_1, training=False
+    )
+    eval_examples: int | None = setting(
+        None, "test images for the NLL (default: all)", check=AT_LEAST_1, training=False
+    )
+
+    def check(self):
+        if self.objective == "iwae":  # the IWAE bound has no separate KL term to weight or free
+            ignored = {
+                "--beta": self.beta != 1.0,
+                "--kl-warmup-epochs": self.kl_warmup_epochs,
+                "--free-bits": self.free_bits,
+                "--num-samples": self.num_samples != 1,
+            }
+            if any(ignored.values()):
+                flags = ", ".join(k for k, v in ignored.items() if v)
+                raise config.ConfigError(
+                    f"{flags} only apply to --objective elbo (use --k for iwae)."
+                )
+
+    def model_config(self) -> models.VAEConfig:
+        preset = models.VAE_PRESETS[self.preset]
+        return preset if self.latents is None else dataclasses.replace(preset, latents=self.latents)
+
+
+def fit(s: Settings, ds: data.Dataset, log: train.MetricsLog, x_eval: dict):
+    """The VAE trained on ``ds.train``: the model at its best validation epoch, and the fit."""
+    model = models.build(
+        lambda rngs: models.make_vae(s.model_config(), rngs=rngs), jax.random.key(s.seed)
+    )
+    steps = max(len(ds.train) // s.batch_size, 1)
+    tx = optax.adam(optax.cosine_decay_schedule(s.learning_rate, s.epochs * steps))
+    objective = vae.objective(
+        objective=s.objective,
+        num_samples=s.num_samples,
+        k=s.k,
+        beta=s.beta,
+        kl_warmup_epochs=s.kl_warmup_epochs,
+        free_bits=s.free_bits,
+        dynamic_binarization=s.binarization == "dynamic",
+    )
+    trainer = train.Trainer(model, tx, objective)
+    select = ("val_neg_elbo", "min") if len(ds.val) else ("test_neg_elbo", "min")
+    stored = {**s.training(), "model": s.model_config().to_dict()}
+    with train.Checkpointer(Path(s.workdir) / "vae" / "checkpoints") as checkpointer:
+        fitted = train.fit(
+            trainer,
+            {"images": ds.train.images},
+            train.Loop(s.epochs, s.batch_size, s.seed, select),
+            evaluate=vae.negative_elbo(x_eval, jax.random.key(s.seed + 7)),
+            context=lambda epoch: {"epoch": jnp.int32(epoch)},
+            stage=train.Stage("vae", checkpointer, log, stored, s.resume, s.progress),
+        )
+    return trainer.best_model(fitted), fitted
+
+
+def experiment(s: Settings, ds: data.Dataset | None = None) -> dict:
+    """Train, evaluate, report: the results (also in results.json) and figures."""
+    # 1. Data: the evaluation splits binarized once, with seeded samples.
+    ds = ds or data.load_dataset(s.dataset, data_dir=s.data_dir, val_size=s.val_size)
+    train.check_batch_size(s.batch_size, len(ds.train), train.data_mesh())  # nothing written yet
+    log = train.MetricsLog.start(Path(s.workdir) / "metrics.jsonl", resume=s.resume)
+    dynamic = s.binarization == "dynamic"
+    x_eval = {
+        "val": vae.fixed_binarization(ds.val.images, s.seed + 1, dynamic),
+        "test": vae.fixed_binarization(ds.test.images, s.seed, dynamic),
+    }
+
+    # 2. The model, its objective and training (best epoch on validation).
+    best, fitted = fit(s, ds, log, x_eval)
+
+    # 3. Evaluation: the importance-sampled NLL on the test images.
+    t0 = time.perf_counter()
+    n_eval = min(len(ds.test) if s.eval_examples is None else s.eval_examples, len(ds.test))
+    eval_key = jax.random.key(s.seed + 7)
+    bounds = vae.evaluate_bounds(best, x_eval["test"][:n_eval], k=s.eval_k, key=eval_key)
+    row = fitted.best_metrics  # the whole test set at the best epoch
+    results = {
+        "test_neg_elbo": row["test_neg_elbo"],
+        "test_nll": bounds["nll"],
+        "eval_neg_elbo": bounds["neg_elbo"],  # the ELBO on the same images as test_nll
+        "eval_k": s.eval_k,
+        "eval_examples": n_eval,
+        "kl": row["test_kl"],
+        "reconstruction": row["test_reconstruction"],
+        "active_units": bounds["active_units"],
+        "latents": s.model_config().latents,
+        "params": models.count_params(best),
+        "epochs": s.epochs,
+        "best_epoch": fitted.best_epoch,
+        "seconds": round(fitted.seconds, 1),
+        "eval_seconds": round(time.perf_counter() - t0, 1),
+        "config": s.to_dict(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+    # 4. Report.
+    if jax.process_index() == 0:  # one writer in a multi-host run
+        train.write_json(Path(s.workdir) / "results.json", results)
+        vae.figures(Path(s.workdir), best, ds, x_eval["test"], bounds["means"], log, s.seed)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    settings = config.parse(Settings, argv, description=__doc__)
     with cli.errors_exit():
-        config = vae.make_config(
-            dataset=args.dataset, data_dir=args.data_dir, workdir=args.workdir,
-            seed=args.seed, preset=args.preset, epochs=args.epochs, latents=args.latents,
-            batch_size=args.batch_size, learning_rate=args.learning_rate,
-            objective=args.objective, num_samples=args.num_samples, k=args.k,
-            beta=args.beta, kl_warmup_epochs=args.kl_warmup_epochs,
-            free_bits=args.free_bits, binarization=args.binarization, eval_k=args.eval_k,
-            eval_examples=args.eval_examples, val_size=args.val_size, resume=args.resume,
-            progress=not args.no_progress,
-        )  # fmt: skip
-        cli.check_workdir(Path(config.workdir), ("vae",), config.resume)
-        cli.setup(args.distributed)
-        results = vae.run(config)
+        cli.check_workdir(Path(settings.workdir), ("vae",), settings.resume)
+        cli.setup(settings.distributed)
+        results = experiment(settings)
         print(vae.format_table(results))
-        print(f"results, metrics, figures and checkpoints in {config.workdir}/")
+        print(f"results, metrics, figures and checkpoints in {settings.workdir}/")
     return 0
 
 

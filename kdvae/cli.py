@@ -7,7 +7,6 @@ interrupted by SIGINT/SIGTERM after writing a checkpoint (rerun with ``--resume`
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shlex
@@ -16,45 +15,10 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from kdvae import config, train
 from kdvae import data as kdata
-from kdvae import train
 
-EXIT_USAGE, EXIT_NONFINITE = 2, 3
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad flags: one line on stderr (no usage block), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def parser(doc: str | None, *, default_workdir: str) -> argparse.ArgumentParser:
-    """An argument parser with the flags every example shares."""
-    p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist", help=f"one of {', '.join(kdata.KNOWN_DATASETS)}")
-    p.add_argument("--data-dir", help="offline: a folder of the four MNIST-format IDX files")
-    p.add_argument("--workdir", default=default_workdir, help="where outputs and checkpoints go")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--distributed", action="store_true",
-        help="multi-host: call jax.distributed.initialize() first (see README, Scaling out)",
-    )  # fmt: skip
-    # Hidden: the validation hold-out (the last N training rows), for small test data.
-    p.add_argument("--val-size", type=int, help=argparse.SUPPRESS)
-    return p
-
-
-def int_list(text: str) -> list[int]:
-    """``"7,8"`` -> ``[7, 8]`` (for argparse)."""
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from err
+EXIT_USAGE, EXIT_NONFINITE = config.EXIT_USAGE, 3
 
 
 def setup(distributed: bool = False) -> None:

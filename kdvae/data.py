@@ -38,10 +38,12 @@ __all__ = [
     "Split",
     "binarize",
     "filter_classes",
+    "jitter",
     "load_dataset",
     "load_idx_folder",
     "read_idx",
     "to_float",
+    "to_unit_float",
 ]
 
 _DIGITS = tuple(str(i) for i in range(10))
@@ -409,3 +411,30 @@ def binarize(
     if key is None:
         raise ValueError("binarize(dynamic=True) needs a PRNG key, got None.")
     return sampling.bernoulli(key, images).astype(jnp.float32)
+
+
+def to_unit_float(images: jax.Array) -> jax.Array:
+    """uint8 images ``[B, 28, 28, 1]`` -> float32 ``[B, 28, 28, 1]`` in ``[0, 1]``.
+
+    :func:`to_float`, keeping the image shape (for :func:`jitter`).
+    """
+    return to_float(images).reshape(images.shape)
+
+
+def jitter(key: jax.Array, x_BHWC: jax.Array, *, max_shift: int = 2) -> jax.Array:
+    """Translate each image by up to ``max_shift`` pixels in each direction (zero fill).
+
+    Hinton et al. (2015) trained the big MNIST net on inputs "jittered by up to two
+    pixels in any direction".
+    """
+    if max_shift == 0:
+        return x_BHWC
+    b, h, w, _ = x_BHWC.shape
+    s = max_shift
+    shifts = jax.random.randint(key, (b, 2), 0, 2 * s + 1)
+    padded = jnp.pad(x_BHWC, ((0, 0), (s, s), (s, s), (0, 0)))
+
+    def crop(image, shift):
+        return jax.lax.dynamic_slice(image, (shift[0], shift[1], 0), (h, w, image.shape[-1]))
+
+    return jax.vmap(crop)(padded, shifts)

@@ -37,7 +37,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +48,24 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kdvae.config import ConfigError
+
 __all__ = [
     "Checkpointer",
     "ConfigError",
     "ConfigMismatchError",
-    "FitResult",
+    "Loop",
+    "LoopState",
     "Interrupted",
     "MetricsLog",
     "NonFiniteError",
+    "Stage",
     "Trainer",
     "batched_apply",
     "data_mesh",
     "enable_compilation_cache",
     "fit",
+    "run_epoch",
     "stop_on_signals",
     "write_json",
 ]
@@ -82,10 +87,6 @@ class Interrupted(BaseException):
     def __init__(self, message: str, signal: str = "SIGINT"):
         super().__init__(message)
         self.signal = signal
-
-
-class ConfigError(ValueError):
-    """A setting is invalid or does not fit the data or checkpoint; the message says which."""
 
 
 class ConfigMismatchError(ConfigError):
@@ -212,6 +213,10 @@ class Trainer:
         """The model's part of the state (without the optimizer)."""
         return nnx.state(self.model)
 
+    def best_model(self, fitted: LoopState) -> nnx.Module:
+        """The model at the best epoch of a :func:`fit`."""
+        return nnx.merge(nnx.graphdef(self.model), fitted.best_state)
+
     def metric_sums(self, values: Mapping[str, float]) -> dict[str, jax.Array]:
         """The step's running metric sums, float32 scalars placed as the step returns them.
 
@@ -275,10 +280,7 @@ def _flatten(tree: Mapping) -> dict[str, Any]:
 
 def _unflatten_like(template: Mapping, flat: Mapping[str, Any]) -> Any:
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    keys = [
-        "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path) for path, _ in paths
-    ]
-    return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in keys])
+    return jax.tree_util.tree_unflatten(treedef, [flat[_path_name(path)] for path, _ in paths])
 
 
 class Checkpointer:
@@ -365,6 +367,12 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.close()
 
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 # ----------------------------------------------------------------- metrics and signals
 
@@ -374,6 +382,15 @@ class MetricsLog:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+
+    @classmethod
+    def start(cls, path: str | os.PathLike, *, resume: bool) -> MetricsLog:
+        """The run's log, its folder created; a fresh run (not ``resume``) starts it empty."""
+        log = cls(path)
+        log.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and jax.process_index() == 0:
+            log.path.unlink(missing_ok=True)
+        return log
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
@@ -439,25 +456,78 @@ def stop_on_signals() -> Iterator[_StopFlag]:
 # ----------------------------------------------------------------------- the loop
 
 
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """How :func:`fit` trains: epochs, global batch size, seed, and the best-epoch metric.
+
+    Attributes:
+      epochs: total epochs (a resumed run continues up to this number).
+      batch_size: global batch size, a multiple of the device count.
+      seed: the data order and step keys derive from it (see the module docstring).
+      select: ``(metric, "max" | "min")``: the validation metric that picks the best epoch.
+      check_every: steps between non-finite checks and progress updates.
+    """
+
+    epochs: int
+    batch_size: int
+    seed: int
+    select: tuple[str, str] = ("val_accuracy", "max")
+    check_every: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Where one :func:`fit` reports: its name, checkpoints, metrics log, stored config.
+
+    Attributes:
+      name: the stage's name in logs, progress bars and errors.
+      checkpointer: where to checkpoint; ``None`` for none.
+      log: ``metrics.jsonl`` to append one row per epoch to.
+      config: settings stored with each checkpoint; ``resume`` refuses other ones.
+      resume: continue from the checkpointer's latest checkpoint, if any.
+      progress: show a progress bar.
+    """
+
+    name: str = "train"
+    checkpointer: Checkpointer | None = None
+    log: MetricsLog | None = None
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    resume: bool = False
+    progress: bool = True
+
+
 @dataclasses.dataclass
-class FitResult:
-    """What :func:`fit` returns: the best model's state, its epoch and scores."""
+class LoopState:
+    """Where the loop stands, saved and restored as one value; :func:`fit` returns it.
+
+    ``epoch`` epochs and ``step`` steps of the next are done; ``sums`` are that epoch's
+    running metric sums; ``history`` one row per finished epoch; ``best_state`` the
+    model at ``best_epoch``, whose row is ``best_metrics``.
+    """
 
     best_state: nnx.State
-    best_epoch: int
-    best_metrics: dict
-    history: list[dict]
-    seconds: float
+    sums: dict[str, float]
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    best_epoch: int = 0
+    best_metrics: dict = dataclasses.field(default_factory=dict)
 
+    _META = ("epoch", "step", "sums", "history", "seconds", "best_epoch", "best_metrics")
 
-_NEVER_COMPARED = ("resume", "workdir", "data_dir", "progress")
+    def meta(self) -> dict[str, Any]:
+        """Everything but ``best_state``, as JSON."""
+        return {name: getattr(self, name) for name in self._META}
+
+    @classmethod
+    def from_checkpoint(cls, best_state: nnx.State, meta: Mapping[str, Any]) -> LoopState:
+        return cls(best_state=best_state, **{name: meta[name] for name in cls._META})
 
 
 def _check_config(saved: Mapping, current: Mapping, where: Path, prefix: str = "") -> None:
     """``ConfigMismatchError`` naming the first setting (``model.latents``) that differs."""
     for key in sorted(set(saved) | set(current)):
-        if not prefix and key in _NEVER_COMPARED:
-            continue
         old, new = saved.get(key), current.get(key)
         if isinstance(old, Mapping) and isinstance(new, Mapping):
             _check_config(old, new, where, f"{prefix}{key}.")
@@ -469,192 +539,234 @@ def _check_config(saved: Mapping, current: Mapping, where: Path, prefix: str = "
             )
 
 
-def _progress_bar(total: int, initial: int, stage: str, enabled: bool):
-    if not enabled or jax.process_index() != 0:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # the examples extra brings tqdm; the core runs without it
-        return None
-    return tqdm(total=total, initial=initial, desc=stage, unit="step", dynamic_ncols=True)
+class _Epochs:
+    """The data order and step keys of every epoch, and the steps in one."""
+
+    def __init__(self, loop: Loop, num_examples: int, mesh: Mesh):
+        check_batch_size(loop.batch_size, num_examples, mesh)
+        self.loop, self.num_examples = loop, num_examples
+        self.steps = num_examples // loop.batch_size
+        self._sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
+        self._order_key, self._step_key = jax.random.key(loop.seed), jax.random.key(loop.seed + 1)
+
+    def order(self, epoch: int) -> jax.Array:
+        """``[steps, batch_size]`` row indices: a fresh permutation, partial batch dropped."""
+        perm = jax.random.permutation(jax.random.fold_in(self._order_key, epoch), self.num_examples)
+        order = perm[: self.steps * self.loop.batch_size].reshape(self.steps, -1)
+        return jax.device_put(order, self._sharding)
+
+    def key(self, epoch: int) -> jax.Array:
+        return jax.random.fold_in(self._step_key, epoch)
+
+
+class _Watch:
+    """The periodic actions between steps: non-finite check, progress, stop on a signal."""
+
+    def __init__(self, stage: Stage, loop: Loop, epochs: _Epochs, state: LoopState, stop):
+        self.stage, self.loop, self.epochs, self.stop = stage, loop, epochs, stop
+        self.bar = None
+        if stage.progress and jax.process_index() == 0:
+            with contextlib.suppress(ImportError):  # the core runs without tqdm
+                from tqdm.auto import tqdm
+
+                done = state.epoch * epochs.steps + state.step
+                self.bar = tqdm(
+                    total=loop.epochs * epochs.steps,
+                    initial=done,
+                    desc=stage.name,
+                    unit="step",
+                    dynamic_ncols=True,
+                )
+        self.tick = time.perf_counter()
+
+    def due(self, window: list, step: int) -> bool:
+        return (
+            len(window) == self.loop.check_every
+            or step == self.epochs.steps
+            or bool(self.stop.signal)
+        )
+
+    def __call__(self, window: list, epoch: int, step: int, sums: Mapping) -> None:
+        """After ``step`` steps of ``epoch``: check the window's losses, show progress."""
+        values = np.asarray(jax.device_get(window))
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise NonFiniteError(
+                f"{self.stage.name}: the loss became {values[bad[0]]} at epoch {epoch + 1}, "
+                f"step {step - len(window) + bad[0] + 1}; stopped without saving (the last "
+                "good checkpoint is kept)."
+            )
+        if self.bar is not None:
+            now = time.perf_counter()
+            self.bar.update(len(window))
+            postfix = {
+                "epoch": f"{epoch + 1}/{self.loop.epochs}",
+                "loss": f"{float(sums['loss']) / step:.4f}",
+            }
+            if "accuracy" in sums:
+                postfix["acc"] = f"{float(sums['accuracy']) / step:.3f}"
+            postfix["samples/s"] = f"{len(window) * self.loop.batch_size / (now - self.tick):.0f}"
+            self.bar.set_postfix(postfix)
+            self.tick = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_epoch(trainer: Trainer, data, epochs: _Epochs, state: LoopState, ctx, watch) -> None:
+    """Steps ``state.step...`` of epoch ``state.epoch``, until its end or a stop signal.
+
+    Advances ``state.step`` and ``state.sums``; ``watch`` runs every few steps.
+    """
+    order, epoch_key = epochs.order(state.epoch), epochs.key(state.epoch)
+    sums, window, watch.tick = trainer.metric_sums(state.sums), [], time.perf_counter()
+    for i in range(state.step, epochs.steps):
+        trainer.state, sums, loss = trainer.step(
+            trainer.state, sums, data, order, jnp.int32(i), epoch_key, ctx
+        )
+        window.append(loss)
+        if watch.due(window, i + 1):
+            watch(window, state.epoch, i + 1, sums)
+            window = []
+            state.step = i + 1
+            if watch.stop.signal:
+                break
+    state.sums = {k: float(v) for k, v in sums.items()}
+
+
+def _check_parameters(trainer: Trainer, stage: Stage, epoch: int) -> None:
+    if not bool(_all_finite(trainer.state)):
+        raise NonFiniteError(
+            f"{stage.name}: a parameter became non-finite in epoch {epoch + 1}; "
+            "stopped without saving (the last good checkpoint is kept)."
+        )
+
+
+def _save(trainer: Trainer, stage: Stage, loop: Loop, epochs: _Epochs, state: LoopState):
+    if stage.checkpointer is None:
+        return
+    complete = state.epoch >= loop.epochs and state.step == 0
+    meta = {**state.meta(), "config": stage.config, "complete": complete}
+    step = state.epoch * epochs.steps + state.step
+    stage.checkpointer.save(step, trainer.state, state.best_state, meta)
+
+
+def _improves(value: float, best: float | None, mode: str) -> bool:
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def _record(trainer: Trainer, state: LoopState, row: dict, loop: Loop, stage: Stage) -> None:
+    """A finished epoch's row: history, best model, metrics log; on to the next epoch."""
+    state.history.append(row)
+    metric, mode = loop.select
+    best = state.best_metrics.get(metric)
+    if metric in row and (
+        best is None or (row[metric] > best if mode == "max" else row[metric] < best)
+    ):
+        state.best_epoch, state.best_metrics = state.epoch + 1, dict(row)
+        state.best_state = jax.tree.map(jnp.copy, trainer.model_state())
+    state.epoch, state.step = state.epoch + 1, 0
+    state.sums = dict.fromkeys(state.sums, 0.0)
+    if stage.log is not None:  # before the checkpoint: a resume truncates it, if need be
+        stage.log.append(row)
+
+
+def _start(trainer: Trainer, stage: Stage, names: Sequence[str]) -> LoopState:
+    """A fresh position, or the latest checkpoint's when resuming."""
+    best = jax.tree.map(jnp.copy, trainer.model_state())  # the step donates the state
+    state = LoopState(best_state=best, sums=dict.fromkeys(names, 0.0))
+    ckpt = stage.checkpointer
+    if ckpt is not None and stage.resume and ckpt.latest_step() is not None:
+        _check_config(ckpt.read_meta().get("config", {}), stage.config, ckpt.directory)
+        restored, meta = ckpt.restore({"state": trainer.state, "best": best})
+        trainer.state = restored["state"]
+        state = LoopState.from_checkpoint(restored["best"], meta)
+    if stage.log is not None and stage.resume:  # rows past the checkpoint (or all) go
+        stage.log.truncate(stage.name, after_epoch=state.epoch)
+    return state
 
 
 def fit(
     trainer: Trainer,
     data: Mapping[str, Any],
+    loop: Loop,
     *,
-    epochs: int,
-    batch_size: int,
-    seed: int,
     evaluate: Callable[[nnx.Module, int], dict[str, float]],
-    select: tuple[str, str] = ("val_accuracy", "max"),
     context: Callable[[int], Any] | None = None,
-    checkpointer: Checkpointer | None = None,
-    config: Mapping[str, Any] | None = None,
-    resume: bool = False,
-    log: MetricsLog | None = None,
-    stage: str = "train",
-    progress: bool = True,
-    check_every: int = 50,
-) -> FitResult:
-    """Train ``trainer`` for ``epochs`` epochs over ``data`` (the epoch loop).
+    stage: Stage | None = None,
+) -> LoopState:
+    """Train ``trainer`` over ``data`` as ``loop`` says, reporting to ``stage``.
 
     Args:
       trainer: the model, optimizer and compiled step.
       data: ``{name: [N, ...] array}`` (host or device); batches are rows of each.
-      epochs: total epochs (a resumed run continues up to this number).
-      batch_size: global batch size, a multiple of the device count.
-      seed: the data order and step keys derive from it (see the module docstring).
+      loop: epochs, batch size, seed and the best-epoch metric.
       evaluate: ``(model, epoch) -> {metric: float}`` after each epoch (validation).
-      select: ``(metric, "max" | "min")`` that picks the best epoch.
       context: ``epoch -> pytree`` of extra step inputs (frozen teacher, warm-up).
-      checkpointer: where to checkpoint; ``None`` for none.
-      config: settings stored with the checkpoint; resuming compares them.
-      resume: continue from ``checkpointer``'s latest checkpoint, if any.
-      log: ``metrics.jsonl`` to append one row per epoch to.
-      stage: the name of this run in logs and progress bars.
-      progress: show a tqdm progress bar.
-      check_every: steps between non-finite checks and progress updates.
+      stage: name, checkpoints, metrics log, stored config, resume, progress bar.
 
     Returns:
-      :class:`FitResult` with the best model state (by ``select``).
+      The final :class:`LoopState`: history and the best model state (by ``loop.select``).
 
     Raises:
       NonFiniteError: a loss or parameter became NaN or infinite (no checkpoint written).
       Interrupted: SIGINT/SIGTERM; the current position was checkpointed first.
       ConfigMismatchError: ``resume`` found a checkpoint of another configuration.
     """
-    mesh = trainer.mesh
-    num_examples = len(next(iter(data.values())))
-    check_batch_size(batch_size, num_examples, mesh)
-    steps_per_epoch = num_examples // batch_size
-    data = replicate(dict(data), mesh)
+    stage = dataclasses.replace(stage or Stage(), config=_as_stored(stage))
+    epochs = _Epochs(loop, len(next(iter(data.values()))), trainer.mesh)
+    data = replicate(dict(data), trainer.mesh)
     context = context or (lambda epoch: None)
-    config = json.loads(json.dumps(dict(config or {})))  # as stored: tuples become lists
-    metric, mode = select
-    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
-    names = trainer.metric_names(data, context(0))
-    order_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
+    state = _start(trainer, stage, trainer.metric_names(data, context(0)))
+    with stop_on_signals() as stop:
+        watch = _Watch(stage, loop, epochs, state, stop)
+        try:
+            while state.epoch < loop.epochs:
+                _train_one_epoch(trainer, data, epochs, state, context, watch, evaluate)
+        finally:
+            watch.close()
+    if not state.best_metrics:  # the selection metric was never reported: keep the last model
+        state.best_state = jax.tree.map(jnp.copy, trainer.model_state())
+        state.best_epoch = loop.epochs
+        state.best_metrics = state.history[-1] if state.history else {}
+    return state
 
-    # Where to start: fresh, or from the latest checkpoint.
-    start_epoch, start_step, sums_host = 0, 0, {k: 0.0 for k in names}
-    history: list[dict] = []
-    best_state = jax.tree.map(jnp.copy, trainer.model_state())  # the step donates the state
-    best_epoch, best_metrics, seconds = 0, {}, 0.0
-    if checkpointer is not None and resume and checkpointer.latest_step() is not None:
-        _check_config(checkpointer.read_meta().get("config", {}), config, checkpointer.directory)
-        restored, meta = checkpointer.restore({"state": trainer.state, "best": best_state})
-        trainer.state, best_state = restored["state"], restored["best"]
-        start_epoch, start_step = meta["epoch"], meta["step"]
-        sums_host = meta["sums"]
-        history, seconds = meta["history"], meta["seconds"]
-        best_epoch, best_metrics = meta["best_epoch"], meta["best_metrics"]
-    if log is not None and resume:  # rows past the checkpoint (or all, if none) go
-        log.truncate(stage, after_epoch=start_epoch)
 
-    def save(epoch: int, step: int, sums: dict) -> None:
-        if checkpointer is None:
-            return
-        meta = dict(
-            epoch=epoch, step=step, sums=sums, history=history, seconds=seconds,
-            best_epoch=best_epoch, best_metrics=best_metrics, config=config,
-            complete=epoch >= epochs and step == 0,
-        )  # fmt: skip
-        checkpointer.save(epoch * steps_per_epoch + step, trainer.state, best_state, meta)
+def _as_stored(stage: Stage | None) -> dict:
+    """The stage's config as a checkpoint stores it (JSON: tuples become lists)."""
+    return json.loads(json.dumps(dict(stage.config if stage else {})))
 
-    def first_bad(losses: list, epoch: int, first_step: int) -> None:
-        values = np.asarray(jax.device_get(losses))
-        bad = np.flatnonzero(~np.isfinite(values))
-        if bad.size:
-            raise NonFiniteError(
-                f"{stage}: the loss became {values[bad[0]]} at epoch {epoch + 1}, step "
-                f"{first_step + bad[0] + 1}; stopped without saving (the last good "
-                "checkpoint is kept)."
-            )
 
-    def check_parameters(epoch: int) -> None:
-        if not bool(_all_finite(trainer.state)):
-            raise NonFiniteError(
-                f"{stage}: a parameter became non-finite in epoch {epoch + 1}; "
-                "stopped without saving (the last good checkpoint is kept)."
-            )
-
-    bar = _progress_bar(epochs * steps_per_epoch, start_epoch * steps_per_epoch + start_step,
-                        stage, progress)  # fmt: skip
-    order_key, step_key = jax.random.key(seed), jax.random.key(seed + 1)
-    try:
-        with stop_on_signals() as stop:
-            for epoch in range(start_epoch, epochs):
-                t0 = time.perf_counter()
-                perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), num_examples)
-                order = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-                order = jax.device_put(order, order_sharding)
-                epoch_key = jax.random.fold_in(step_key, epoch)
-                ctx = replicate(context(epoch), mesh)
-                sums = trainer.metric_sums(sums_host)
-                step0 = start_step if epoch == start_epoch else 0
-                window, window_start, tick = [], step0, t0
-                for i in range(step0, steps_per_epoch):
-                    trainer.state, sums, loss = trainer.step(
-                        trainer.state, sums, data, order, jnp.int32(i), epoch_key, ctx
-                    )
-                    window.append(loss)
-                    done = i + 1 == steps_per_epoch
-                    if len(window) == check_every or done or stop.signal:
-                        first_bad(window, epoch, window_start)
-                        if bar is not None:
-                            now = time.perf_counter()
-                            bar.update(len(window))
-                            postfix = {
-                                "epoch": f"{epoch + 1}/{epochs}",
-                                "loss": f"{float(sums['loss']) / (i + 1):.4f}",
-                            }
-                            if "accuracy" in sums:
-                                postfix["acc"] = f"{float(sums['accuracy']) / (i + 1):.3f}"
-                            postfix["samples/s"] = f"{len(window) * batch_size / (now - tick):.0f}"
-                            bar.set_postfix(postfix)
-                            tick = now
-                        window, window_start = [], i + 1
-                    if stop.signal and not done:
-                        check_parameters(epoch)
-                        seconds += time.perf_counter() - t0
-                        save(epoch, i + 1, {k: float(v) for k, v in sums.items()})
-                        raise Interrupted(
-                            f"{stage}: {stop.signal} at epoch {epoch + 1}, step {i + 1}; "
-                            "checkpoint written.",
-                            stop.signal,
-                        )
-                check_parameters(epoch)
-                train_time = time.perf_counter() - t0
-                row = {"stage": stage, "epoch": epoch + 1}
-                row.update({f"train_{k}": float(v) / steps_per_epoch for k, v in sums.items()})
-                row.update(evaluate(trainer.model, epoch))
-                row["seconds"] = round(train_time, 3)
-                row["samples_per_s"] = round((steps_per_epoch - step0) * batch_size / train_time, 1)
-                seconds += time.perf_counter() - t0
-                history.append(row)
-                if metric in row and (
-                    not best_metrics or better(row[metric], best_metrics[metric])
-                ):
-                    best_epoch, best_metrics = epoch + 1, dict(row)
-                    best_state = jax.tree.map(jnp.copy, trainer.model_state())
-                sums_host = {k: 0.0 for k in names}
-                if log is not None:  # before the checkpoint: a resume truncates it, if need be
-                    log.append(row)
-                save(epoch + 1, 0, sums_host)
-                if stop.signal:
-                    raise Interrupted(
-                        f"{stage}: {stop.signal} at the end of epoch {epoch + 1}; "
-                        "checkpoint written.",
-                        stop.signal,
-                    )
-    finally:
-        if bar is not None:
-            bar.close()
-    if not best_metrics:  # the selection metric was never reported: keep the last model
-        best_state, best_epoch = jax.tree.map(jnp.copy, trainer.model_state()), epochs
-        best_metrics = history[-1] if history else {}
-    return FitResult(best_state, best_epoch, best_metrics, history, seconds)
+def _train_one_epoch(trainer, data, epochs: _Epochs, state: LoopState, context, watch, evaluate):
+    """One epoch (or the rest of one), then its row, best model and checkpoint."""
+    stage, loop = watch.stage, watch.loop
+    t0, first_step = time.perf_counter(), state.step
+    run_epoch(trainer, data, epochs, state, replicate(context(state.epoch), trainer.mesh), watch)
+    _check_parameters(trainer, stage, state.epoch)
+    if state.step < epochs.steps:  # stopped by a signal mid-epoch
+        state.seconds += time.perf_counter() - t0
+        _save(trainer, stage, loop, epochs, state)
+        raise Interrupted(
+            f"{stage.name}: {watch.stop.signal} at epoch {state.epoch + 1}, step "
+            f"{state.step}; checkpoint written.",
+            watch.stop.signal,
+        )
+    train_time = time.perf_counter() - t0
+    row = {"stage": stage.name, "epoch": state.epoch + 1}
+    row.update({f"train_{k}": v / epochs.steps for k, v in state.sums.items()})
+    row.update(evaluate(trainer.model, state.epoch))
+    row["seconds"] = round(train_time, 3)
+    row["samples_per_s"] = round((epochs.steps - first_step) * loop.batch_size / train_time, 1)
+    state.seconds += time.perf_counter() - t0
+    _record(trainer, state, row, loop, stage)
+    _save(trainer, stage, loop, epochs, state)
+    if watch.stop.signal:
+        raise Interrupted(
+            f"{stage.name}: {watch.stop.signal} at the end of epoch {state.epoch}; "
+            "checkpoint written.",
+            watch.stop.signal,
+        )
 
 
 def load_best_model(directory: str | os.PathLike, model: nnx.Module) -> tuple[nnx.Module, dict]:

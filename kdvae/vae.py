@@ -1,112 +1,117 @@
-"""Training and evaluating a VAE on MNIST-like data, as a library function.
+"""The pieces of a VAE experiment: the objective, evaluation, figures and table.
 
-The same training core as distillation with a new objective (the ELBO or IWAE bound).
-Every epoch reports the negative ELBO on the validation split (which picks the best
-epoch) and the test split; at the end, the importance-sampled negative log-likelihood
-``-log p(x) ~ -IWAE_k`` (Burda et al. 2016) on the test set. The test set is binarized
-once, with a seeded Bernoulli sample (or the fixed threshold), so every evaluation sees
-the same binary images. ``examples/vae_mnist.py`` is the command line over :func:`run`.
+``examples/vae_mnist.py`` wires them: the ELBO (Kingma & Welling 2014) or Burda et al.'s
+IWAE bound as the training objective; every epoch the negative ELBO on the validation
+split (which picks the best epoch) and the test split; at the end, the importance-sampled
+negative log-likelihood ``-log p(x) ~ -IWAE_k`` on the test set. The evaluation images
+are binarized once, with a seeded Bernoulli sample (or the fixed threshold), so every
+evaluation sees the same binary images.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
+import functools
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from kdvae import data as kdata
-from kdvae import losses, models, objectives, train
+from kdvae import data, losses, train
 
-__all__ = ["VAERunConfig", "evaluate_bounds", "format_table", "make_config", "run"]
-
-
-@dataclasses.dataclass(frozen=True)
-class VAERunConfig:
-    """Every setting of one VAE run (stored with its checkpoints)."""
-
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    workdir: str = "runs/vae"
-    seed: int = 0
-    preset: str = "flax"
-    latents: int | None = None  # None: the preset's
-    epochs: int = 20
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    objective: str = "elbo"
-    num_samples: int = 1
-    k: int = 5
-    beta: float = 1.0
-    kl_warmup_epochs: int = 0
-    free_bits: float = 0.0
-    binarization: str = "dynamic"
-    eval_k: int = 1000
-    eval_examples: int | None = None  # None: the whole test set
-    val_size: int = 5000
-    resume: bool = False
-    progress: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def model_config(self) -> models.VAEConfig:
-        preset = models.VAE_PRESETS[self.preset]
-        if self.latents is None:
-            return preset
-        return dataclasses.replace(preset, latents=self.latents)
+__all__ = [
+    "binarize",
+    "evaluate_bounds",
+    "fixed_binarization",
+    "figures",
+    "format_table",
+    "negative_elbo",
+    "objective",
+]
 
 
-def make_config(**settings: Any) -> VAERunConfig:
-    """A validated :class:`VAERunConfig`; ``None`` settings keep their defaults."""
-    config = VAERunConfig(**{k: v for k, v in settings.items() if v is not None})
-    c = config
-    checks = [
-        ("--preset", c.preset, c.preset in models.VAE_PRESETS,
-         f"one of {sorted(models.VAE_PRESETS)}"),
-        ("--objective", c.objective, c.objective in ("elbo", "iwae"), "'elbo' or 'iwae'"),
-        ("--binarization", c.binarization, c.binarization in ("dynamic", "threshold"),
-         "'dynamic' or 'threshold'"),
-        ("--latents", c.latents, c.latents is None or c.latents >= 1, ">= 1"),
-        ("--epochs", c.epochs, c.epochs >= 1, ">= 1"),
-        ("--batch-size", c.batch_size, c.batch_size >= 1, ">= 1"),
-        ("--lr", c.learning_rate, c.learning_rate > 0, "positive"),
-        ("--num-samples", c.num_samples, c.num_samples >= 1, ">= 1"),
-        ("--k", c.k, c.k >= 1, ">= 1"),
-        ("--beta", c.beta, c.beta >= 0, ">= 0"),
-        ("--free-bits", c.free_bits, c.free_bits >= 0, ">= 0"),
-        ("--kl-warmup-epochs", c.kl_warmup_epochs, c.kl_warmup_epochs >= 0, ">= 0"),
-        ("--eval-k", c.eval_k, c.eval_k >= 1, ">= 1"),
-        ("--val-size", c.val_size, c.val_size >= 1, ">= 1 (the best epoch is chosen on it)"),
-        ("--eval-examples", c.eval_examples, c.eval_examples is None or c.eval_examples >= 1,
-         ">= 1"),
-    ]  # fmt: skip
-    for flag, value, ok, requirement in checks:
-        if not ok:
-            raise train.ConfigError(f"{flag} must be {requirement}, got {value!r}.")
-    if c.objective == "iwae":  # the IWAE bound has no separate KL term to weight or free
-        ignored = {
-            "--beta": c.beta != 1.0,
-            "--kl-warmup-epochs": c.kl_warmup_epochs != 0,
-            "--free-bits": c.free_bits != 0.0,
-            "--num-samples": c.num_samples != 1,
+def binarize(key: jax.Array | None, images: jax.Array, *, dynamic: bool = True) -> jax.Array:
+    """uint8 images ``[B, 28, 28, 1]`` -> float32 0/1 ``[B, 784]`` (see :func:`data.binarize`)."""
+    return data.binarize(key, data.to_float(images), dynamic=dynamic)
+
+
+def objective(
+    *,
+    objective: str = "elbo",
+    num_samples: int = 1,
+    k: int = 1,
+    beta: float = 1.0,
+    kl_warmup_epochs: int = 0,
+    free_bits: float = 0.0,
+    dynamic_binarization: bool = True,
+):
+    """The negative ELBO (or the negative IWAE bound) of a :class:`kdvae.models.VAE`.
+
+    A :mod:`kdvae.train` loss function over ``batch["images"]`` uint8 ``[B, 28, 28, 1]``.
+
+    Args:
+      objective: ``"elbo"`` or ``"iwae"`` (Burda et al.'s ``k``-sample bound).
+      num_samples: Monte-Carlo samples for the ELBO's reconstruction term.
+      k: importance samples for ``"iwae"``.
+      beta: the KL weight (1 is the true ELBO).
+      kl_warmup_epochs: anneal the KL weight linearly from ``beta / n`` in the first
+        epoch to ``beta`` from epoch ``n`` on (Bowman et al. 2016); needs
+        ``context["epoch"]``.
+      free_bits: Kingma et al.'s (2016) free bits: each latent dimension's batch-mean
+        KL below this many nats is not penalised. Metrics still report the true KL.
+      dynamic_binarization: binarize with a fresh Bernoulli sample of the grey levels
+        every batch; else threshold at 0.5.
+
+    The reported ``neg_elbo`` is always the true negative ELBO (``beta = 1``, no free
+    bits), whatever is optimised.
+    """
+    if objective not in ("elbo", "iwae"):
+        raise ValueError(f"objective must be 'elbo' or 'iwae', got {objective!r}.")
+    for name, value in (("num_samples", num_samples), ("k", k)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if beta < 0 or free_bits < 0 or kl_warmup_epochs < 0:
+        raise ValueError("beta, free_bits and kl_warmup_epochs must be non-negative.")
+
+    def kl_weight(context):
+        if not kl_warmup_epochs:
+            return beta
+        epoch = context["epoch"].astype(jnp.float32)
+        return beta * jnp.minimum(1.0, (epoch + 1.0) / kl_warmup_epochs)
+
+    def loss_fn(model: nnx.Module, batch: dict, key: jax.Array, context: Any):
+        binarize_key, sample_key, iwae_key = jax.random.split(key, 3)
+        x = binarize(binarize_key, batch["images"], dynamic=dynamic_binarization)
+        mean, logvar = model.encode(x)
+
+        def encoder(_):
+            return mean, logvar
+
+        terms = losses.elbo(sample_key, x, encoder, model.decode, num_samples=num_samples)
+        if objective == "iwae":
+            loss = -losses.iwae_bound(iwae_key, x, encoder, model.decode, num_samples=k).mean()
+        else:
+            kl = terms.kl.mean()
+            if free_bits:
+                per_dim = losses.gaussian_kl(mean[..., None], logvar[..., None]).mean(0)
+                kl = jnp.sum(jnp.maximum(per_dim, free_bits))
+            loss = -terms.reconstruction.mean() + kl_weight(context) * kl
+        metrics = {
+            "neg_elbo": -terms.elbo.mean(),
+            "kl": terms.kl.mean(),
+            "reconstruction": terms.reconstruction.mean(),
         }
-        if any(ignored.values()):
-            flags = ", ".join(k for k, v in ignored.items() if v)
-            raise train.ConfigError(f"{flags} only apply to --objective elbo (use --k for iwae).")
-    return config
+        return loss, metrics
+
+    return loss_fn
 
 
-def _fixed_binarization(images: np.ndarray, seed: int, dynamic: bool) -> jax.Array:
+def fixed_binarization(images: np.ndarray, seed: int, dynamic: bool) -> jax.Array:
     """The test set's one binarization: a Bernoulli sample seeded by ``seed``."""
     key = jax.random.fold_in(jax.random.key(seed), 12345)
-    return objectives.binarize(key, jnp.asarray(images), dynamic=dynamic)
+    return binarize(key, jnp.asarray(images), dynamic=dynamic)
 
 
 def _bounds_fn(graphdef: nnx.GraphDef, k: int, chunk: int, batch_size: int):
@@ -135,7 +140,7 @@ def _bounds_fn(graphdef: nnx.GraphDef, k: int, chunk: int, batch_size: int):
 
 
 def evaluate_bounds(
-    model: models.VAE, x: jax.Array, *, k: int, key: jax.Array, batch_size: int = 100
+    model: nnx.Module, x: jax.Array, *, k: int, key: jax.Array, batch_size: int = 100
 ) -> dict[str, Any]:
     """ELBO terms and the ``k``-sample IWAE bound on binary ``x [N, 784]``, averaged.
 
@@ -158,7 +163,10 @@ def evaluate_bounds(
     }
 
 
+@functools.lru_cache(maxsize=16)
 def _elbo_fn(graphdef: nnx.GraphDef):
+    """Jitted ``(state, x [N, 784], key) -> {neg_elbo, kl, reconstruction}``, averaged."""
+
     @jax.jit
     def neg_elbo(state, x, key):
         model = nnx.merge(graphdef, state)
@@ -176,89 +184,25 @@ def _elbo_fn(graphdef: nnx.GraphDef):
     return neg_elbo
 
 
-def run(config: VAERunConfig, dataset: kdata.Dataset | None = None) -> dict[str, Any]:
-    """Train, evaluate, and write ``results.json``, ``metrics.jsonl`` and figures."""
-    workdir = Path(config.workdir)
-    ds = dataset or kdata.load_dataset(
-        config.dataset, data_dir=config.data_dir, val_size=config.val_size
-    )
-    train.check_batch_size(config.batch_size, len(ds.train), train.data_mesh())  # nothing written
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = train.MetricsLog(workdir / "metrics.jsonl")
-    if not config.resume and jax.process_index() == 0:
-        log.path.unlink(missing_ok=True)
-    dynamic = config.binarization == "dynamic"
-    x_val = _fixed_binarization(ds.val.images, config.seed + 1, dynamic)
-    x_test = _fixed_binarization(ds.test.images, config.seed, dynamic)
-
-    model_config = config.model_config()
-    model = models.build(
-        lambda rngs: models.make_vae(model_config, rngs=rngs), jax.random.key(config.seed)
-    )
-    graphdef = nnx.split(model)[0]
-    steps = max(len(ds.train) // config.batch_size, 1)
-    tx = optax.adam(optax.cosine_decay_schedule(config.learning_rate, config.epochs * steps))
-    loss_fn = objectives.vae_objective(
-        objective=config.objective, num_samples=config.num_samples, k=config.k,
-        beta=config.beta, kl_warmup_epochs=config.kl_warmup_epochs,
-        free_bits=config.free_bits, dynamic_binarization=dynamic,
-    )  # fmt: skip
-    trainer = train.Trainer(model, tx, loss_fn)
-    neg_elbo = _elbo_fn(graphdef)
-    eval_key = jax.random.key(config.seed + 7)
+def negative_elbo(splits: dict[str, jax.Array], key: jax.Array):
+    """``evaluate(model, epoch)`` for :func:`kdvae.train.fit`: the negative ELBO and its
+    terms on each of ``splits`` (``{"val": x [N, 784] binary, ...}``), as ``val_neg_elbo``,
+    ``val_kl``, ``val_reconstruction``, ... (the same ``key`` every epoch)."""
 
     def evaluate(model: nnx.Module, epoch: int) -> dict[str, float]:
-        state = nnx.state(model)
-        val = neg_elbo(state, x_val, eval_key) if len(ds.val) else {}
-        test = neg_elbo(state, x_test, eval_key)
+        graphdef, state = nnx.split(model)
+        fn = _elbo_fn(graphdef)
         return {
-            **{f"val_{k}": float(v) for k, v in val.items()},
-            **{f"test_{k}": float(v) for k, v in test.items()},
+            f"{split}_{name}": float(value)
+            for split, x in splits.items()
+            if len(x)
+            for name, value in fn(state, x, key).items()
         }
 
-    checkpointer = train.Checkpointer(workdir / "vae" / "checkpoints")
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("eval_k", "eval_examples")}
-    result = train.fit(
-        trainer, {"images": ds.train.images}, epochs=config.epochs,
-        batch_size=config.batch_size, seed=config.seed, evaluate=evaluate,
-        select=("val_neg_elbo", "min") if len(ds.val) else ("test_neg_elbo", "min"),
-        context=lambda epoch: {"epoch": jnp.int32(epoch)}, checkpointer=checkpointer,
-        config={**settings, "model": config.model_config().to_dict()},
-        resume=config.resume, log=log, stage="vae", progress=config.progress,
-    )  # fmt: skip
-    checkpointer.close()
-    best = nnx.merge(graphdef, result.best_state)
-
-    t0 = time.perf_counter()
-    n_eval = len(ds.test) if config.eval_examples is None else config.eval_examples
-    n_eval = min(n_eval, len(ds.test))
-    bounds = evaluate_bounds(best, x_test[:n_eval], k=config.eval_k, key=eval_key)
-    best_row = result.best_metrics  # evaluate() on the whole test set, at the best epoch
-    results = {
-        "test_neg_elbo": best_row["test_neg_elbo"],
-        "test_nll": bounds["nll"],
-        "eval_neg_elbo": bounds["neg_elbo"],  # the ELBO on the same images as test_nll
-        "eval_k": config.eval_k,
-        "eval_examples": n_eval,
-        "kl": best_row["test_kl"],
-        "reconstruction": best_row["test_reconstruction"],
-        "active_units": bounds["active_units"],
-        "latents": config.model_config().latents,
-        "params": models.count_params(best),
-        "epochs": config.epochs,
-        "best_epoch": result.best_epoch,
-        "seconds": round(result.seconds, 1),
-        "eval_seconds": round(time.perf_counter() - t0, 1),
-        "config": config.to_dict(),
-        "devices": [str(d) for d in jax.devices()],
-    }
-    if jax.process_index() == 0:  # one writer in a multi-host run
-        train.write_json(workdir / "results.json", results)
-        _figures(workdir, best, ds, x_test, bounds["means"], log, config.seed)
-    return results
+    return evaluate
 
 
-def _figures(workdir, best, ds, x_test, means, log, seed) -> None:
+def figures(workdir: Path, best, ds: data.Dataset, x_test, means, log, seed: int) -> None:
     """Samples, reconstructions, latent space, manifold (2-D) and training curves."""
     from kdvae import plots
 

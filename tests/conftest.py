@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import jax
@@ -19,8 +20,11 @@ REPO = Path(__file__).resolve().parent.parent
 def load_script(relative_path: str):
     """A script of the repository (``examples/...``, ``benchmarks/...``) as a module."""
     path = REPO / relative_path
-    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
+    name = f"script_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # as `import` does
     spec.loader.exec_module(module)
     return module
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
+from kdvae import config
 from kdvae import data as kdata
-from kdvae import distill, vae
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -37,11 +38,13 @@ def test_distilled_student_beats_the_student_alone(fashion_mnist, tmp_path, comp
     alpha=0.5). Seeds 0, 1, 2 gave test errors teacher 1083/1130/1077, student alone
     1576/1624/1610, distilled 1513/1527/1559: gains of 63, 97 and 51.
     """
-    config = distill.make_config(
-        "quick", dataset="fashion_mnist", workdir=str(tmp_path), seed=0, teacher_epochs=3,
-        student_epochs=20, transfer_size=3000, cache_teacher=True, progress=False,
+    example = load_script("examples/distill_mnist.py")
+    settings = config.make(
+        example.Settings, preset="quick", dataset="fashion_mnist", workdir=str(tmp_path),
+        seed=0, teacher_epochs=3, student_epochs=20, transfer_size=3000, cache_teacher=True,
+        progress=False,
     )  # fmt: skip
-    results = distill.run(config, dataset=fashion_mnist)
+    results = example.experiment(settings, fashion_mnist)
     teacher, student, distilled = (results[k] for k in ("teacher", "student", "distilled"))
     assert teacher["test_accuracy"] >= 0.875
     assert teacher["test_errors"] < student["test_errors"]
@@ -51,11 +54,12 @@ def test_distilled_student_beats_the_student_alone(fashion_mnist, tmp_path, comp
 def test_vae_lowers_the_test_negative_elbo(fashion_mnist, tmp_path, compilation_cache):
     """Two epochs of the flax preset take the test negative ELBO from 543 nats (an
     untrained decoder: 784 log 2) to about 258 (seen here)."""
-    config = vae.make_config(
+    example = load_script("examples/vae_mnist.py")
+    settings = example.Settings(
         dataset="fashion_mnist", workdir=str(tmp_path), seed=0, epochs=2, eval_k=20,
         eval_examples=500, progress=False,
     )  # fmt: skip
-    results = vae.run(config, dataset=fashion_mnist)
+    results = example.experiment(settings, fashion_mnist)
     assert results["test_neg_elbo"] < 270.0
     assert results["test_nll"] <= results["eval_neg_elbo"] + 0.5
     assert results["kl"] > 1.0  # the posterior is used, not collapsed onto the prior

@@ -39,7 +39,7 @@ SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
-from kdvae import models, objectives, train
+from kdvae import distill, models, train, vae
 
 sys.path.insert(0, sys.argv[1])
 from conftest import class_patterns
@@ -66,18 +66,18 @@ def setup(kind, mesh):
     context = None
     if kind == "classifier":
         model = models.MLPClassifier((32,), hidden_dropout=0.2, rngs=rngs)
-        loss_fn = objectives.classification_loss(jitter_pixels=1)
+        loss_fn = distill.classification_loss(jitter_pixels=1)
     elif kind == "distill":
         teacher = models.MLPClassifier((16,), rngs=nnx.Rngs(1))
         graphdef, state = nnx.split(teacher)
         teacher_state = train.replicate(state, mesh)
         context = lambda epoch: {"teacher": teacher_state}
         model = models.MLPClassifier((32,), rngs=rngs)
-        loss_fn = objectives.distillation_objective(
+        loss_fn = distill.distillation_objective(
             temperature=2.0, alpha=0.5, teacher_graphdef=graphdef)
     else:
         model = models.VAE(encoder_widths=(32,), decoder_widths=(32,), latents=4, rngs=rngs)
-        loss_fn = objectives.vae_objective(kl_warmup_epochs=2)
+        loss_fn = vae.objective(kl_warmup_epochs=2)
         context = lambda epoch: {"epoch": jnp.int32(epoch)}
     loss_fn = recorded(kind, loss_fn, mesh.devices.size)
     tx = optax.sgd(0.1) if kind == "classifier" else optax.adam(1e-3)
@@ -86,9 +86,9 @@ def setup(kind, mesh):
 
 def run(kind, mesh, epochs=2, **kwargs):
     trainer, context = setup(kind, mesh)
-    result = train.fit(trainer, data, epochs=epochs, batch_size=32, seed=0,
-                       evaluate=lambda model, epoch: {}, context=context, progress=False,
-                       **kwargs)
+    result = train.fit(trainer, data, train.Loop(epochs, 32, 0),
+                       evaluate=lambda model, epoch: {}, context=context,
+                       stage=train.Stage(progress=False, **kwargs))
     params = [np.asarray(x) for x in jax.tree.leaves(trainer.model_state())]
     history = [{k: v for k, v in row.items() if k.startswith("train_")}
                for row in result.history]
@@ -121,8 +121,8 @@ _, straight, _ = run("classifier", four)
 report["resume_bitwise"] = all(np.array_equal(a, b) for a, b in zip(resumed, straight))
 
 try:
-    train.fit(setup("classifier", four)[0], data, epochs=1, batch_size=30, seed=0,
-              evaluate=lambda m, e: {}, progress=False)
+    train.fit(setup("classifier", four)[0], data, train.Loop(1, 30, 0),
+              evaluate=lambda m, e: {}, stage=train.Stage(progress=False))
     report["batch_30"] = "no error"
 except train.ConfigError as err:
     report["batch_30"] = str(err)

@@ -17,7 +17,8 @@ import pytest
 from conftest import class_patterns
 from flax import nnx
 
-from kdvae import models, objectives, train
+from kdvae import data as kdata
+from kdvae import distill, models, train
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -41,14 +42,14 @@ def val() -> dict[str, np.ndarray]:
 def make_trainer(*, seed=0, learning_rate=1e-2, loss_fn=None, tx=None, max_norm=None):
     model = models.MLPClassifier((32,), max_norm=max_norm, rngs=nnx.Rngs(seed))
     tx = tx or optax.adam(learning_rate)
-    return train.Trainer(model, tx, loss_fn or objectives.classification_loss())
+    return train.Trainer(model, tx, loss_fn or distill.classification_loss())
 
 
 @pytest.fixture(scope="module")
 def evaluate(val):
     @jax.jit
     def accuracy(model, images, labels):
-        logits = model(objectives.to_unit_float(images))
+        logits = model(kdata.to_unit_float(images))
         return jnp.mean(jnp.argmax(logits, -1) == labels)
 
     def evaluate(model, epoch):
@@ -57,9 +58,18 @@ def evaluate(val):
     return evaluate
 
 
-def run_fit(trainer, data, evaluate, **kwargs):
-    kwargs = {"epochs": 3, "batch_size": BATCH, "seed": 7, "progress": False, **kwargs}
-    return train.fit(trainer, data, evaluate=evaluate, **kwargs)
+def run_fit(trainer, data, evaluate, *, epochs=3, seed=7, context=None, **kwargs):
+    """``train.fit`` with a :class:`train.Loop` and :class:`train.Stage` made of ``kwargs``."""
+    loop_keys = {"batch_size", "select", "check_every"}
+    loop = train.Loop(
+        epochs=epochs,
+        seed=seed,
+        **{"batch_size": BATCH, **{k: v for k, v in kwargs.items() if k in loop_keys}},
+    )
+    stage = train.Stage(
+        **{"progress": False, **{k: v for k, v in kwargs.items() if k not in loop_keys}}
+    )
+    return train.fit(trainer, data, loop, evaluate=evaluate, context=context, stage=stage)
 
 
 def params(trainer_or_state) -> list[np.ndarray]:
@@ -87,7 +97,7 @@ def test_fit_learns(data, evaluate, tmp_path):
     trainer = make_trainer()
     log = train.MetricsLog(tmp_path / "metrics.jsonl")
     # progress=True and a short check window exercise the progress-bar path too.
-    result = run_fit(trainer, data, evaluate, log=log, stage="s", progress=True, check_every=3)
+    result = run_fit(trainer, data, evaluate, log=log, name="s", progress=True, check_every=3)
     history = result.history
     assert [row["epoch"] for row in history] == [1, 2, 3]
     losses = [row["train_loss"] for row in history]
@@ -152,14 +162,13 @@ def test_each_epoch_visits_a_fresh_permutation():
     def loss_fn(model, batch, key, context):
         jax.debug.callback(lambda rows: visited.append(np.asarray(rows)), batch["row"],
                            ordered=True)  # fmt: skip
-        x = objectives.to_unit_float(batch["images"])
+        x = kdata.to_unit_float(batch["images"])
         return jnp.mean(model(x) ** 2), {}
 
     n, batch = 100, 16  # 6 steps per epoch; the last 4 rows of each order are dropped
     data = {"images": np.zeros((n, 28, 28, 1), np.uint8), "row": np.arange(n, dtype=np.int32)}
     trainer = make_trainer(loss_fn=loss_fn)
-    train.fit(trainer, data, epochs=3, batch_size=batch, seed=5, evaluate=lambda m, e: {},
-              progress=False)  # fmt: skip
+    run_fit(trainer, data, lambda m, e: {}, epochs=3, batch_size=batch, seed=5)
     jax.effects_barrier()
     assert len(visited) == 3 * 6 and all(v.shape == (batch,) for v in visited)
     epochs = [np.concatenate(visited[6 * e : 6 * e + 6]) for e in range(3)]
@@ -292,7 +301,7 @@ def test_interrupted_run_resumes_exactly(data, evaluate, reference, tmp_path, ca
 
 def test_resume_with_another_config_names_the_setting(data, evaluate, tmp_path):
     ckpt = train.Checkpointer(tmp_path / "ckpt")
-    config = {"lr": 0.01, "model": {"widths": [32]}, "workdir": "a"}
+    config = {"lr": 0.01, "model": {"widths": [32]}}
     run_fit(make_trainer(), data, evaluate, epochs=1, checkpointer=ckpt, config=config)
     with pytest.raises(train.ConfigMismatchError, match=r"lr=0\.01.*lr=0\.02"):
         run_fit(make_trainer(), data, evaluate, checkpointer=ckpt, resume=True,
@@ -304,9 +313,10 @@ def test_resume_with_another_config_names_the_setting(data, evaluate, tmp_path):
         run_fit(make_trainer(), data, evaluate, checkpointer=ckpt, resume=True,
                 config={**config, "extra": 1})  # fmt: skip
     assert issubclass(train.ConfigMismatchError, train.ConfigError)
-    # Where the outputs go is not part of the configuration.
+    # The same configuration resumes (where the outputs go is not part of it: the
+    # settings declared training=False are never stored; tests/test_config.py).
     result = run_fit(make_trainer(), data, evaluate, epochs=2, checkpointer=ckpt, resume=True,
-                     config={**config, "workdir": "b"})  # fmt: skip
+                     config=config)  # fmt: skip
     assert [row["epoch"] for row in result.history] == [1, 2]
 
 
@@ -315,7 +325,7 @@ def test_resume_with_another_config_names_the_setting(data, evaluate, tmp_path):
 
 def test_nan_loss_stops_before_writing(data, evaluate, tmp_path):
     def loss_fn(model, batch, key, context):
-        loss, metrics = objectives.classification_loss()(model, batch, key, context)
+        loss, metrics = distill.classification_loss()(model, batch, key, context)
         return loss + context["poison"], metrics
 
     def context(epoch):  # the loss becomes NaN in the second epoch
@@ -356,7 +366,7 @@ def test_a_non_finite_parameter_with_a_finite_loss_is_caught(data, evaluate, tmp
         def constrain(self):
             self.unused[...] = jnp.full(3, jnp.inf)
 
-    trainer = train.Trainer(Poisoned(), optax.adam(1e-2), objectives.classification_loss())
+    trainer = train.Trainer(Poisoned(), optax.adam(1e-2), distill.classification_loss())
     ckpt = train.Checkpointer(tmp_path / "ckpt")
     with pytest.raises(train.NonFiniteError, match="parameter became non-finite in epoch 1"):
         run_fit(trainer, data, evaluate, checkpointer=ckpt)

@@ -1,0 +1,248 @@
+"""Settings declared once: an experiment's settings are one frozen dataclass.
+
+Each field is declared with :func:`setting`: its name, type (the annotation), default,
+help, and allowed values (``choices=`` or ``check=``). Everything else comes from there:
+
+* the command line, :func:`parse`: one ``--flag`` per field (``--x/--no-x`` for a bool,
+  ``3,4`` for a tuple of ints); a bad value is one line on stderr naming the flag, exit 2;
+* presets: a class attribute ``PRESETS = {name: {setting: value}}`` and a ``preset``
+  field; the flags given on the command line override the preset's values;
+* validation: every construction of the dataclass checks every field
+  (:meth:`Settings.__post_init__`), plus the rules between settings of :meth:`Settings.check`;
+* the settings stored with each checkpoint and compared on ``--resume``
+  (:meth:`Settings.training`): all but those declared ``training=False`` (where outputs go,
+  how the finished model is evaluated).
+
+Adding a setting is one line in the dataclass. Libraries that turn a dataclass into a
+command line (tyro, simple_parsing) or Flax's ``ml_collections`` config flags declare
+neither ranges nor presets as data, and report errors as multi-line blocks; the standard
+library's ``dataclasses`` and ``argparse`` do this in the 150 lines below.
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings(config.Common):
+        temperature: float = config.setting(8.0, "distillation temperature T",
+                                            check=config.POSITIVE_NUMBER)
+
+    settings = config.parse(Settings, argv, description=__doc__)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+__all__ = [
+    "POSITIVE",
+    "POSITIVE_NUMBER",
+    "Check",
+    "Common",
+    "ConfigError",
+    "Settings",
+    "at_least",
+    "between",
+    "make",
+    "parse",
+    "setting",
+]
+
+EXIT_USAGE = 2
+
+
+class ConfigError(ValueError):
+    """A setting is invalid or does not fit the data or checkpoint; the message says which."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """An allowed range: ``text`` completes "--flag must be ...", ``ok(value)`` tests it."""
+
+    text: str
+    ok: Callable[[Any], bool]
+
+
+def at_least(low: float) -> Check:
+    return Check(f">= {low}", lambda v: v >= low)
+
+
+def between(low: float, high: float, text: str | None = None) -> Check:
+    return Check(text or f"in [{low}, {high}]", lambda v: low <= v <= high)
+
+
+POSITIVE = Check("positive", lambda v: v > 0)
+POSITIVE_NUMBER = Check("a positive number", lambda v: math.isfinite(v) and v > 0)
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    check: Check | None = None,
+    flag: str | None = None,
+    training: bool = True,
+    hidden: bool = False,
+) -> Any:
+    """A dataclass field declaring one setting.
+
+    Args:
+      default: the value when neither a preset nor a flag sets it.
+      help: one line for ``--help``.
+      choices: the allowed values, if a fixed set.
+      check: the allowed range otherwise (:class:`Check`); ``None`` values pass.
+      flag: the flag's name without ``--``; default the field's, ``_`` as ``-``.
+      training: ``False`` for settings that do not change what is trained; they are not
+        stored with checkpoints, and ``--resume`` may change them.
+      hidden: leave the flag out of ``--help`` (for tests).
+    """
+    meta = dict(
+        help=help, choices=choices, check=check, flag=flag, training=training, hidden=hidden
+    )
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """``--teacher-epochs`` for the field ``teacher_epochs``."""
+    return "--" + (field.metadata.get("flag") or field.name.replace("_", "-"))
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    """``(int, True)`` for ``int | None``; ``(tuple, False)`` for ``tuple[int, ...]``."""
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        (hint,) = [a for a in args if a is not type(None)]
+    return typing.get_origin(hint) or hint, optional
+
+
+def _check_field(field: dataclasses.Field, hint: Any, value: Any) -> None:
+    base, optional = _base_type(hint)
+    name = flag_name(field)
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"{name} must be set, got None.")
+    accepted = (int, float) if base is float else base
+    if not isinstance(value, accepted) or (base is not bool and isinstance(value, bool)):
+        article = "an" if base.__name__[0] in "aeiou" else "a"
+        raise ConfigError(f"{name} must be {article} {base.__name__}, got {value!r}.")
+    choices, check = field.metadata.get("choices"), field.metadata.get("check")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name} must be one of {sorted(choices)}, got {value!r}.")
+    if check is not None and not check.ok(value):
+        raise ConfigError(f"{name} must be {check.text}, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Base of a settings dataclass: every construction validates every field."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            _check_field(field, hints[field.name], getattr(self, field.name))
+        self.check()
+
+    def check(self) -> None:
+        """Rules between settings; raise :class:`ConfigError` naming the flags."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting (as written to ``results.json``)."""
+        return dataclasses.asdict(self)
+
+    def training(self) -> dict[str, Any]:
+        """The settings that change what is trained (stored with checkpoints)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("training", True)
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Common(Settings):
+    """The settings every example has: data, outputs, seed, resume."""
+
+    dataset: str = setting("mnist", "mnist, fashion_mnist, kmnist, emnist/mnist or binarized_mnist")
+    data_dir: str | None = setting(
+        None, "offline: a folder of the four MNIST-format IDX files", training=False
+    )
+    workdir: str = setting("runs/run", "where outputs and checkpoints go", training=False)
+    seed: int = setting(0, "the random seed of the whole run", check=at_least(0))
+    resume: bool = setting(False, "continue from the last checkpoint", training=False)
+    progress: bool = setting(True, "progress bars", training=False)
+    distributed: bool = setting(
+        False,
+        "multi-host: call jax.distributed.initialize() first (README, Scaling out)",
+        training=False,
+    )
+    # The validation hold-out (the last N training rows): small for tests' tiny data.
+    val_size: int = setting(5000, "validation examples", check=at_least(1), hidden=True)
+
+
+def make(cls: type[Settings], **values: Any) -> Settings:
+    """``cls`` from its preset (``values["preset"]`` or the default) and ``values``.
+
+    Raises :class:`ConfigError` naming the flag of the first bad setting.
+    """
+    if cls.PRESETS:
+        default = {f.name: f.default for f in dataclasses.fields(cls)}.get("preset")
+        preset = values.get("preset", default)
+        if preset not in cls.PRESETS:
+            raise ConfigError(f"--preset must be one of {sorted(cls.PRESETS)}, got {preset!r}.")
+        values = {**cls.PRESETS[preset], **values}
+    return cls(**values)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags: one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """``"7,8"`` -> ``(7, 8)`` (for argparse)."""
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from err
+
+
+def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) -> None:
+    base, _ = _base_type(hint)
+    meta = field.metadata
+    text = f"{meta['help']} (default: {field.default})"
+    kwargs: dict[str, Any] = dict(dest=field.name, default=None)
+    kwargs["help"] = argparse.SUPPRESS if meta["hidden"] else text
+    if base is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif base is tuple:
+        kwargs.update(type=int_list, metavar="I,J")
+    else:
+        kwargs["type"] = base
+    parser.add_argument(flag_name(field), **kwargs)
+
+
+def parse(cls: type[Settings], argv: Sequence[str] | None = None, *, description=None):
+    """The settings from the command line, under the chosen preset.
+
+    A bad flag or value prints one line naming it and exits with status 2.
+    """
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        _add_flag(parser, field, hints[field.name])
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    try:
+        return make(cls, **given)
+    except ConfigError as err:
+        parser.error(str(err))
