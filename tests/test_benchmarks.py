@@ -81,14 +81,17 @@ def test_ablations_take_the_parts_out(steps, monkeypatch):
     assert all(t > 0 for t in times.values())
 
 
-def test_sampling_benchmark_checks_equal_draws_and_reports_speedups():
+def test_sampling_benchmark_checks_equal_results_and_reports_speedups():
     sampling = load_script("benchmarks/sampling.py")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        result = sampling.main(["--rounds", "1", "--json"])
+        result = sampling.main(["--rounds", "1", "--batches", "4", "--json"])
     assert json.loads(out.getvalue()) == result
     rows = [v for k, v in result.items() if k != "device"]
-    assert len(rows) == 6 and all(r["speedup"] > 0 and r["draws"] > 0 for r in rows)
+    assert all(r["speedup"] > 0 for r in rows)
+    assert sum(r.get("draws", 0) > 0 for r in rows) == 6  # 3 samplers x 2 sizes
+    layers = [k for k, r in result.items() if k != "device" and r.get("batch") == 4]
+    assert len(layers) == 4 and {k.split()[0] for k in layers} == {"conv", "pool"}
 
 
 def test_matmuls_alone_refuses_products_it_would_count_wrong(steps):
