@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import pytest
 from conftest import load_script
 
+from kdvae import kernels
+
 
 @pytest.fixture(scope="module")
 def steps():
@@ -92,6 +94,10 @@ def test_sampling_benchmark_checks_equal_results_and_reports_speedups():
     assert sum(r.get("draws", 0) > 0 for r in rows) == 6  # 3 samplers x 2 sizes
     layers = [k for k, r in result.items() if k != "device" and r.get("batch") == 4]
     assert len(layers) == 4 and {k.split()[0] for k in layers} == {"conv", "pool"}
+    # Each path is compiled from a fresh trace (jax.jit caches traces by function).
+    x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+    hlo = [sampling._compiled(p, kernels.conv2d_same, (x, w)).as_text() for p in ("cpu", "gpu")]
+    assert "convolution" not in hlo[0] and "convolution" in hlo[1]
 
 
 def test_matmuls_alone_refuses_products_it_would_count_wrong(steps):
