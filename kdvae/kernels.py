@@ -12,11 +12,11 @@
 
 On the CPU backend (``jax.default_backend() == "cpu"``) these functions run the kernels
 above; on any other backend the standard ops (``jax.random``,
-``jax.lax.conv_general_dilated``, a max with JAX's own derivative), since the kernels
-were only measured to win on a CPU: ``python benchmarks/sampling.py`` times each pair,
-``python benchmarks/steps.py`` the train steps they run in. The choice is made when a
-function is traced; :func:`forced_backend` overrides it. Both paths take the same
-parameters (one layout), so a checkpoint moves between backends.
+``jax.lax.conv_general_dilated``, a max with JAX's own derivative): the kernels were
+written for a CPU and measured there only. ``python benchmarks/sampling.py`` times each
+kernel against its standard op, ``python benchmarks/steps.py`` the train steps that use
+them. The choice is made when a function is traced; :func:`forced_backend` overrides it.
+Both paths take the same parameters (one layout), so a checkpoint moves between backends.
 """
 
 from __future__ import annotations
