@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from kdvae import sampling
+from kdvae import kernels
 
 __all__ = [
     "KNOWN_DATASETS",
@@ -394,7 +394,7 @@ def binarize(
       images: float grey levels in [0, 1], any shape (e.g. ``[N, 784]``).
       dynamic: True draws each pixel from Bernoulli(grey level), a new binarization per
         call (Salakhutdinov & Murray, 2008): ``jax.random.bernoulli``'s draws, computed
-        faster on a CPU (:mod:`kdvae.sampling`); False thresholds: ``images > threshold``.
+        faster on a CPU (:mod:`kdvae.kernels`); False thresholds: ``images > threshold``.
         Must be a Python bool (static under ``jit``).
       threshold: the cut for ``dynamic=False``.
 
@@ -410,7 +410,7 @@ def binarize(
         return (images > threshold).astype(jnp.float32)
     if key is None:
         raise ValueError("binarize(dynamic=True) needs a PRNG key, got None.")
-    return sampling.bernoulli(key, images).astype(jnp.float32)
+    return kernels.bernoulli(key, images).astype(jnp.float32)
 
 
 def to_unit_float(images: jax.Array) -> jax.Array:

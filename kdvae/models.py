@@ -11,7 +11,6 @@ Inputs are images as floats in ``[0, 1]``, either ``[B, 784]`` or ``[B, 28, 28, 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdvae import sampling
+from kdvae import kernels
 
 __all__ = [
     "CLASSIFIER_PRESETS",
@@ -35,7 +34,6 @@ __all__ = [
     "dropout",
     "make_classifier",
     "make_vae",
-    "max_pool_2x2",
 ]
 
 _ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh, "gelu": jax.nn.gelu, "elu": jax.nn.elu}
@@ -51,13 +49,13 @@ def dropout(key: jax.Array | None, x: jax.Array, rate: float) -> jax.Array:
     """Inverted dropout: zero each entry with probability ``rate``, scale the rest by
     ``1 / (1 - rate)``. ``key=None`` or ``rate=0`` returns ``x`` unchanged (evaluation).
 
-    The mask is ``jax.random.bernoulli(key, 1 - rate, x.shape)``'s, computed faster on
-    a CPU by :func:`kdvae.sampling.bernoulli`.
+    The mask is ``jax.random.bernoulli(key, 1 - rate, x.shape)``'s, drawn by
+    :func:`kdvae.kernels.bernoulli` (faster on a CPU).
     """
     if key is None or rate == 0.0:
         return x
     keep = 1.0 - rate
-    mask = sampling.bernoulli(key, keep, x.shape)
+    mask = kernels.bernoulli(key, keep, x.shape)
     return jnp.where(mask, x * (1.0 / keep), jnp.zeros_like(x))
 
 
@@ -116,100 +114,28 @@ class MLPClassifier(nnx.Module):
                 _max_norm(layer.kernel, self.max_norm)
 
 
-def _im2col(x_BHWC: jax.Array, k: int) -> jax.Array:
-    """'SAME' ``k x k`` patches: ``[B, H, W, C] -> [B, H, W, k * k * C]``."""
-    _, h, w, _ = x_BHWC.shape
-    lo = (k - 1) // 2
-    padded = jnp.pad(x_BHWC, ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
-    return jnp.concatenate(
-        [padded[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)], axis=-1
-    )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv2d_same(x_BHWC: jax.Array, kernel: jax.Array, k: int) -> jax.Array:
-    """'SAME' convolution as im2col + one matrix multiply; kernel ``[k * k * C, O]``.
-
-    The gradient is written out (a custom VJP): ``dW = patches^T dy`` as a plain
-    ``[k k C, B H W] x [B H W, O]`` product, ``dx`` by folding ``dy W^T`` back. XLA's
-    own derivative of the same expression (and of its native convolution) ran 2.3x
-    slower on CPU (conv 32->64 at 14x14, batch 128: 18 vs 41 ms forward + backward).
-    """
-    return _im2col(x_BHWC, k) @ kernel
-
-
-def _conv_fwd(x_BHWC, kernel, k):
-    patches = _im2col(x_BHWC, k)
-    return patches @ kernel, (x_BHWC, patches, kernel)
-
-
-def _conv_bwd(k, residuals, dy_BHWO):
-    x_BHWC, patches, kernel = residuals
-    rows = patches.reshape(-1, patches.shape[-1])
-    dkernel = rows.T @ dy_BHWO.reshape(-1, dy_BHWO.shape[-1])
-    dx = jax.vjp(lambda x: _im2col(x, k), x_BHWC)[1](dy_BHWO @ kernel.T)[0]
-    return dx, dkernel
-
-
-conv2d_same.defvjp(_conv_fwd, _conv_bwd)
-
-
 class Conv(nnx.Module):
-    """A ``k x k`` 'SAME' convolution (:func:`conv2d_same`); kernel ``[k * k * in, out]``.
+    """A ``k x k`` 'SAME' convolution (:func:`kdvae.kernels.conv2d_same`).
 
-    On CPU this im2col formulation with a hand-written gradient trains several times
-    faster than ``nnx.Conv`` (XLA's CPU convolution) for MNIST-sized inputs.
+    Kernel ``[k, k, in, out]`` (HWIO, ``nnx.Conv``'s layout) and bias ``[out]`` on
+    every backend: the CPU kernel reshapes the kernel, so a checkpoint moves between
+    backends.
     """
 
     def __init__(self, in_features: int, out_features: int, *, kernel_size: int = 3, rngs):
-        fan_in = kernel_size * kernel_size * in_features
-        init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(init(rngs.params(), (fan_in, out_features)))
+        shape = (kernel_size, kernel_size, in_features, out_features)
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape))
         self.bias = nnx.Param(jnp.zeros((out_features,)))
-        self.kernel_size = kernel_size
 
     def __call__(self, x_BHWC: jax.Array, *, max_pool: bool = False) -> jax.Array:
         """``[B, H, W, in] -> [B, H, W, out]``, or ``[B, H/2, W/2, out]`` with ``max_pool``.
 
-        With ``max_pool`` the 2x2 max-pool (:func:`max_pool_2x2`) is taken before the
-        bias is added; the two commute, and the bias then touches a quarter of the
-        outputs.
+        With ``max_pool`` the 2x2 max-pool (:func:`kdvae.kernels.max_pool_2x2`) is taken
+        before the bias is added; the two commute, and the bias then touches a quarter
+        of the outputs.
         """
-        y = conv2d_same(x_BHWC, self.kernel[...], self.kernel_size)
-        return (max_pool_2x2(y) if max_pool else y) + self.bias[...]
-
-
-_WINDOW = ((0, 0), (0, 1), (1, 0), (1, 1))  # row-major order within a 2x2 window
-
-
-@jax.custom_jvp
-def max_pool_2x2(x_BHWC: jax.Array) -> jax.Array:
-    """2x2 max-pooling with stride 2: ``[B, H, W, C] -> [B, H/2, W/2, C]`` (H, W even).
-
-    The derivative is that of the first maximum of each window, in row-major order (as
-    PyTorch's max-pool routes its gradient); JAX's own derivative of a ``max`` shares
-    it among tied entries and takes three passes over the input where this takes one.
-    Written as a JVP, so forward- and reverse-mode both work.
-    """
-    b, h, w, c = x_BHWC.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"max_pool_2x2 needs an even height and width, got {h}x{w}.")
-    return x_BHWC.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-@max_pool_2x2.defjvp
-def _max_pool_jvp(primals, tangents):
-    (x_BHWC,), (dx_BHWC,) = primals, tangents
-    y = max_pool_2x2(x_BHWC)
-    b, h, w, c = x_BHWC.shape
-    windows = x_BHWC.reshape(b, h // 2, 2, w // 2, 2, c)
-    dwindows = dx_BHWC.reshape(windows.shape)
-    dy, taken = jnp.zeros_like(y), jnp.zeros(y.shape, bool)
-    for i, j in _WINDOW:
-        first = ~taken & (windows[:, :, i, :, j, :] == y)
-        dy = jnp.where(first, dwindows[:, :, i, :, j, :], dy)
-        taken = taken | first
-    return y, dy
+        y = kernels.conv2d_same(x_BHWC, self.kernel[...])
+        return (kernels.max_pool_2x2(y) if max_pool else y) + self.bias[...]
 
 
 class CNNClassifier(nnx.Module):

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import pytest
 from conftest import load_script
 
+from kdvae import kernels
+
 
 @pytest.fixture(scope="module")
 def steps():
@@ -81,14 +83,21 @@ def test_ablations_take_the_parts_out(steps, monkeypatch):
     assert all(t > 0 for t in times.values())
 
 
-def test_sampling_benchmark_checks_equal_draws_and_reports_speedups():
+def test_sampling_benchmark_checks_equal_results_and_reports_speedups():
     sampling = load_script("benchmarks/sampling.py")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        result = sampling.main(["--rounds", "1", "--json"])
+        result = sampling.main(["--rounds", "1", "--batches", "4", "--json"])
     assert json.loads(out.getvalue()) == result
     rows = [v for k, v in result.items() if k != "device"]
-    assert len(rows) == 6 and all(r["speedup"] > 0 and r["draws"] > 0 for r in rows)
+    assert all(r["speedup"] > 0 for r in rows)
+    assert sum(r.get("draws", 0) > 0 for r in rows) == 6  # 3 samplers x 2 sizes
+    layers = [k for k, r in result.items() if k != "device" and r.get("batch") == 4]
+    assert len(layers) == 4 and {k.split()[0] for k in layers} == {"conv", "pool"}
+    # Each path is compiled from a fresh trace (jax.jit caches traces by function).
+    x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+    hlo = [sampling._compiled(p, kernels.conv2d_same, (x, w)).as_text() for p in ("cpu", "gpu")]
+    assert "convolution" not in hlo[0] and "convolution" in hlo[1]
 
 
 def test_matmuls_alone_refuses_products_it_would_count_wrong(steps):

@@ -1,5 +1,6 @@
-"""Tests of kdvae.models: shapes of every preset, dropout keys, max-norm, the im2col
-convolution against XLA's, the VAE's log-variance bound, parameter counts."""
+"""Tests of kdvae.models: shapes of every preset, dropout keys, max-norm, the convolution
+layer's parameters, the VAE's log-variance bound, parameter counts. (The convolution
+and max-pool kernels are tested in test_kernels.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.test_util import check_grads
 
 from kdvae import models
 
@@ -125,53 +125,23 @@ def test_constrain_without_max_norm_changes_nothing():
         np.testing.assert_array_equal(layer.kernel[...], kernel)
 
 
-@pytest.mark.parametrize("kernel_size, features_in", [(3, 1), (3, 4), (5, 2), (2, 3)])
-def test_im2col_conv_equals_xla_same_convolution(kernel_size, features_in):
-    conv = models.Conv(features_in, 6, kernel_size=kernel_size, rngs=nnx.Rngs(0))
-    conv.bias[...] = jax.random.normal(jax.random.key(1), (6,))
-    x = jax.random.normal(jax.random.key(2), (2, 12, 10, features_in))
-    got = jax.jit(lambda c, x: c(x))(conv, x)
-    kernel_HWIO = conv.kernel[...].reshape(kernel_size, kernel_size, features_in, 6)
-    want = jax.lax.conv_general_dilated(
-        x, kernel_HWIO, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=jax.lax.Precision.HIGHEST,
-    ) + conv.bias[...]  # fmt: skip
-    assert got.shape == (2, 12, 10, 6)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
 def _reference_pool(x):
     b, h, w, c = x.shape
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def test_max_pool_equals_the_plain_max_and_its_gradient_without_ties():
-    with jax.enable_x64(True):
-        x = jax.random.normal(jax.random.key(0), (2, 6, 4, 3), jnp.float64)
-        np.testing.assert_array_equal(models.max_pool_2x2(x), _reference_pool(x))
-        dy = jax.random.normal(jax.random.key(1), (2, 3, 2, 3), jnp.float64)
-        got = jax.vjp(models.max_pool_2x2, x)[1](dy)[0]
-        want = jax.vjp(_reference_pool, x)[1](dy)[0]
-        np.testing.assert_array_equal(got, want)
-        check_grads(models.max_pool_2x2, (x,), order=1, modes=["fwd", "rev"])
-
-
-@pytest.mark.parametrize(
-    "window, winner",
-    [([[1, 1], [1, 1]], (0, 0)), ([[0, 2], [2, 2]], (0, 1)), ([[0, 1], [2, 2]], (1, 0)),
-     ([[0, 1], [1, 2]], (1, 1)), ([[-3, -3], [-5, -3]], (0, 0))],
-)  # fmt: skip
-def test_max_pool_gradient_goes_to_the_first_maximum(window, winner):
-    x = jnp.asarray(window, jnp.float32).reshape(1, 2, 2, 1)
-    grad = jax.grad(lambda x: 5.0 * models.max_pool_2x2(x).sum())(x).reshape(2, 2)
-    want = np.zeros((2, 2))
-    want[winner] = 5.0
-    np.testing.assert_array_equal(grad, want)
-
-
-def test_max_pool_refuses_an_odd_size():
-    with pytest.raises(ValueError, match="even height and width, got 7x6"):
-        models.max_pool_2x2(jnp.zeros((1, 7, 6, 2)))
+@pytest.mark.parametrize("kernel_size, features_in", [(3, 1), (3, 32), (5, 2)])
+def test_conv_kernel_is_hwio_and_initialised_as_the_flat_layout_was(kernel_size, features_in):
+    # Before the HWIO layout the kernel was [k * k * in, out], drawn by the same
+    # initializer from the same key: lecun_normal's fan-in is k * k * in for both shapes,
+    # and threefry's draw i is a function of the flat index i, so the numbers are the
+    # same, reshaped.
+    conv = models.Conv(features_in, 6, kernel_size=kernel_size, rngs=nnx.Rngs(3))
+    fan_in = kernel_size * kernel_size * features_in
+    flat = nnx.initializers.lecun_normal()(nnx.Rngs(3).params(), (fan_in, 6))
+    assert conv.kernel.shape == (kernel_size, kernel_size, features_in, 6)
+    assert conv.bias.shape == (6,) and not conv.bias[...].any()
+    np.testing.assert_array_equal(conv.kernel[...].reshape(fan_in, 6), flat)
 
 
 def test_conv_with_max_pool_is_pool_of_the_conv():
