@@ -56,8 +56,12 @@ def check_workdir(workdir: Path, stages: Sequence[str], resume: bool) -> None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise train.ConfigError(f"--workdir {workdir} is not writable ({ancestor}).")
     if not resume:
-        used = [s for s in stages if (workdir / s / "checkpoints").is_dir()
-                and any((workdir / s / "checkpoints").iterdir())]  # fmt: skip
+        used = [
+            s
+            for s in stages
+            if (workdir / s / "checkpoints").is_dir()
+            and any((workdir / s / "checkpoints").iterdir())
+        ]
         if used:
             raise train.ConfigError(
                 f"--workdir {workdir} holds checkpoints of an earlier run ({', '.join(used)}); "

@@ -84,9 +84,13 @@ def distillation_objective(
             teacher_logits = nnx.merge(teacher_graphdef, context["teacher"])(x)
         logits = model(x, key=dropout_key)
         loss = losses.distillation_loss(
-            logits, teacher_logits, batch["labels"],
-            temperature=temperature, alpha=alpha, soft_loss=soft_loss,
-        ).mean()  # fmt: skip
+            logits,
+            teacher_logits,
+            batch["labels"],
+            temperature=temperature,
+            alpha=alpha,
+            soft_loss=soft_loss,
+        ).mean()
         agreement = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1))
         return loss, {"accuracy": _accuracy(logits, batch["labels"]), "agreement": agreement}
 
@@ -238,9 +242,12 @@ def figures(workdir: Path, teacher: nnx.Module, ds: data.Dataset, log: train.Met
         t: np.asarray(losses.tempered_softmax(teacher_logits, temperature=t)) for t in (1, 5, 10)
     }
     plots.dark_knowledge_figure(
-        workdir / "dark_knowledge.png", probs, image=ds.test.images[index],
-        class_names=ds.class_names, true_label=int(ds.test.labels[index]),
-    )  # fmt: skip
+        workdir / "dark_knowledge.png",
+        probs,
+        image=ds.test.images[index],
+        class_names=ds.class_names,
+        true_label=int(ds.test.labels[index]),
+    )
     keys = ("train_loss", "val_accuracy")
     plots.training_curves(workdir / "training_curves.png", log.rows(), keys=keys)
 

@@ -22,10 +22,17 @@ Design:
 * The batch axis is sharded over every device of a 1-D mesh named ``"data"``;
   parameters and the dataset are replicated. On one device this is a no-op; with
   several it is data-parallel (XLA inserts the gradient all-reduce).
+* The loop is :func:`fit`: a :class:`Loop` (epochs, batch size, seed, best-epoch
+  metric) run over the data, reporting to a :class:`Stage` (name, checkpoints, metrics
+  log, stored config). Its position is one value, :class:`LoopState` (epoch, step,
+  metric sums, history, best model), saved and restored together. :func:`run_epoch`
+  runs the steps of one epoch; small pieces around it check for non-finite losses and
+  show progress every few steps (``_Watch``), record the epoch (``_record``), write the
+  checkpoint (``_save``) and stop on a signal (:func:`stop_on_signals`).
 * Orbax checkpoints, written atomically at the end of every epoch (and on SIGINT or
   SIGTERM mid-epoch), hold the model and optimizer state, the best model so far, and
-  the loop's position, metric sums and history as JSON. A non-finite loss or parameter
-  stops the run *before* anything is written, so the last good checkpoint survives.
+  the loop's position as JSON. A non-finite loss or parameter stops the run *before*
+  anything is written, so the last good checkpoint survives.
 """
 
 from __future__ import annotations
