@@ -118,10 +118,13 @@ def tempered_log_softmax(
 
     .. math::
         \log S_T(z)_i = z_i / T - \log \sum_j \exp(z_j / T)
+          = \mathrm{log\_softmax}\big((z - \max_j z_j) / T\big)_i
 
-    The largest unmasked logit is subtracted from the (halved) logits before dividing
-    by ``T``, so logits up to the float32 maximum do not overflow, at any temperature.
-    Masked (``where=False``) and ``-inf`` classes get ``-inf``.
+    Computed as written on the right: ``s - logsumexp(s)`` for the logits ``s`` shifted
+    by their largest unmasked entry, then divided by ``T``. The shift leaves the
+    softmax unchanged, and taken before the division it keeps logits up to the float32
+    maximum from overflowing, at any temperature. Masked (``where=False``) and ``-inf``
+    classes get ``-inf``.
 
     Args:
       logits: ``[..., C, ...]`` unnormalised log-probabilities, classes along ``axis``.
@@ -147,26 +150,26 @@ def tempered_log_softmax(
     logits = _float_array("logits", logits)
     axis = _check_axis("logits", axis, logits.ndim)
     where = _check_where(where, logits.shape)
-    scaled, log_normalizer, _ = _shifted_logits(logits, temperature, axis, where)
-    out = scaled - log_normalizer
+    scaled = _shifted_and_scaled(logits, temperature, axis, where)[0]  # (z - max z) / T
+    out = scaled - jax.nn.logsumexp(scaled, axis=axis, keepdims=True)  # log_softmax(z / T)
     return out if where is None else jnp.where(where, out, -jnp.inf)
 
 
-def _shifted_logits(
+def _shifted_and_scaled(
     logits: jax.Array, temperature: Any, axis: int, where: jax.Array | None
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(z - max z) / T`` (masked classes ``-inf``), its log-sum-exp, and ``max z``.
+) -> tuple[jax.Array, jax.Array]:
+    """``(z - max z) / T`` (masked classes ``-inf``) and the shift ``max z``.
 
-    The largest visible entry is exactly 0 and every other one is <= 0, so the sum of
-    exponentials lies in ``[1, C]``: no second max-shift is needed (as in
-    ``jax.nn.log_softmax``). Subtracting the max first, rather than dividing first, keeps
-    the result exact for logits with a large common offset.
+    A softmax does not change when a constant is subtracted from every logit, so this
+    stands for ``z / T`` in a log-softmax, but is finite for logits up to the float32
+    maximum at any ``T``: the largest visible entry is exactly 0 and every other one is
+    <= 0. Subtracting the max first, rather than dividing first, keeps the result exact
+    for logits with a large common offset.
     """
     visible = logits if where is None else jnp.where(where, logits, -jnp.inf)
     shift = jnp.max(visible, axis=axis, keepdims=True)
     shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
-    scaled = _shift_and_scale(visible, shift, temperature)
-    return scaled, jnp.log(jnp.sum(jnp.exp(scaled), axis=axis, keepdims=True)), shift
+    return _shift_and_scale(visible, shift, temperature), shift
 
 
 def _shift_and_scale(logits: jax.Array, shift: jax.Array, temperature: Any) -> jax.Array:
@@ -266,7 +269,9 @@ def tempered_cross_entropy(
         # As optax does: pick the label's logit from the input and scale only that one,
         # rather than form every log-probability and pick one (measurably faster).
         where = _check_where(where, logits.shape)
-        _, log_normalizer, shift = _shifted_logits(logits, temperature, axis, where)
+        scaled, shift = _shifted_and_scaled(logits, temperature, axis, where)
+        # The sum of exponentials lies in [1, C] (the largest term is exp(0)): no overflow.
+        log_normalizer = jnp.log(jnp.sum(jnp.exp(scaled), axis=axis, keepdims=True))
         index = jnp.expand_dims(labels, axis)
         picked = jnp.take_along_axis(logits, index, axis=axis)
         if where is not None:  # a masked class has probability 0
