@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdvae import sampling
+from kdvae import losses, sampling
 
 __all__ = [
     "CLASSIFIER_PRESETS",
@@ -350,11 +350,12 @@ class VAE(nnx.Module):
         self.logvar_bound = logvar_bound
         self.latents = latents
 
-    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``[B, 784]`` (or ``[B, 28, 28, 1]``) -> ``(mean, logvar)``, each ``[B, L]``."""
+    def encode(self, x: jax.Array) -> losses.DiagonalGaussian:
+        """``[B, 784]`` (or ``[B, 28, 28, 1]``) -> the posterior ``q(z|x)``, a
+        :class:`kdvae.losses.DiagonalGaussian` with ``mean`` and ``logvar`` of ``[B, L]``."""
         h = self.encoder(x.reshape(x.shape[0], -1))
         bound = self.logvar_bound
-        return self.mean(h), bound * jnp.tanh(self.logvar(h) / bound)
+        return losses.DiagonalGaussian(self.mean(h), bound * jnp.tanh(self.logvar(h) / bound))
 
     def decode(self, z: jax.Array) -> jax.Array:
         """``[..., L]`` latents -> ``[..., 784]`` Bernoulli logits."""

@@ -148,23 +148,19 @@ def vae_objective(
     def loss_fn(model: nnx.Module, batch: dict, key: jax.Array, context: Any):
         binarize_key, sample_key, iwae_key = jax.random.split(key, 3)
         x = binarize(binarize_key, batch["images"], dynamic=dynamic_binarization)
-        mean, logvar = model.encode(x)
-
-        def encoder(_):
-            return mean, logvar
-
-        terms = losses.elbo(sample_key, x, encoder, model.decode, num_samples=num_samples)
+        posterior = model.encode(x)
+        terms = losses.elbo(sample_key, x, posterior, model.decode, num_samples=num_samples)
         weight = beta
         if kl_warmup_epochs:
             epoch = context["epoch"].astype(jnp.float32)
             weight = beta * jnp.minimum(1.0, (epoch + 1.0) / kl_warmup_epochs)
         if objective == "iwae":
-            bound = losses.iwae_bound(iwae_key, x, encoder, model.decode, num_samples=k)
+            bound = losses.iwae_bound(iwae_key, x, posterior, model.decode, num_samples=k)
             loss = -bound.mean()
         else:
             kl = terms.kl.mean()
             if free_bits:
-                per_dim = losses.gaussian_kl(mean[..., None], logvar[..., None]).mean(0)
+                per_dim = posterior.kl_to_standard_normal(per_dimension=True).mean(0)
                 kl = jnp.sum(jnp.maximum(per_dim, free_bits))
             loss = -terms.reconstruction.mean() + weight * kl
         metrics = {

@@ -118,16 +118,12 @@ def _bounds_fn(graphdef: nnx.GraphDef, k: int, chunk: int, batch_size: int):
 
         def one_batch(xb, index):
             elbo_key, iwae_key = jax.random.split(jax.random.fold_in(key, index))
-            mean, logvar = model.encode(xb)  # once, for both bounds and the active units
-
-            def encoder(_):
-                return mean, logvar
-
-            terms = losses.elbo(elbo_key, xb, encoder, model.decode)
+            posterior = model.encode(xb)  # once, for both bounds and the active units
+            terms = losses.elbo(elbo_key, xb, posterior, model.decode)
             iwae = losses.iwae_bound(
-                iwae_key, xb, encoder, model.decode, num_samples=k, chunk_size=chunk
+                iwae_key, xb, posterior, model.decode, num_samples=k, chunk_size=chunk
             )
-            return terms.elbo, terms.reconstruction, terms.kl, iwae, mean
+            return terms.elbo, terms.reconstruction, terms.kl, iwae, posterior.mean
 
         return train.batched_apply(one_batch, x, batch_size=batch_size, with_index=True)
 
@@ -164,7 +160,7 @@ def _elbo_fn(graphdef: nnx.GraphDef):
         model = nnx.merge(graphdef, state)
 
         def one(xb, index):
-            return losses.elbo(jax.random.fold_in(key, index), xb, model.encode, model.decode)
+            return losses.elbo(jax.random.fold_in(key, index), xb, model.encode(xb), model.decode)
 
         terms = train.batched_apply(one, x, batch_size=1000, with_index=True)
         return {
@@ -267,7 +263,7 @@ def _figures(workdir, best, ds, x_test, means, log, seed) -> None:
     plots.image_grid(workdir / "samples.png", np.asarray(jax.nn.sigmoid(best.decode(z))),
                      title="samples from the prior")  # fmt: skip
     originals = x_test[:16]
-    recon = jax.nn.sigmoid(best.decode(best.encode(originals)[0]))
+    recon = jax.nn.sigmoid(best.decode(best.encode(originals).mean))
     plots.reconstructions_figure(workdir / "reconstructions.png", np.asarray(originals),
                                  np.asarray(recon), n=16)  # fmt: skip
     labels = ds.test.labels[: len(means)]

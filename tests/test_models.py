@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from kdvae import models
+from kdvae import losses, models
 
 
 def _images(n: int, seed: int = 0, flat: bool = False) -> jax.Array:
@@ -191,8 +191,9 @@ def test_vae_presets_shapes(name):
     assert vae.latents == config.latents
     for x in (jax.ShapeDtypeStruct((3, 28, 28, 1), jnp.float32),
               jax.ShapeDtypeStruct((3, 784), jnp.float32)):  # fmt: skip
-        mean, logvar = nnx.eval_shape(lambda m, x: m.encode(x), vae, x)
-        assert mean.shape == logvar.shape == (3, config.latents)
+        posterior = nnx.eval_shape(lambda m, x: m.encode(x), vae, x)
+        assert isinstance(posterior, losses.DiagonalGaussian)
+        assert posterior.mean.shape == posterior.logvar.shape == (3, config.latents)
     for z_shape in ((3, config.latents), (4, 3, config.latents)):  # [B, L] and [k, B, L]
         z = jax.ShapeDtypeStruct(z_shape, jnp.float32)
         logits = nnx.eval_shape(lambda m, z: m.decode(z), vae, z)
@@ -205,8 +206,9 @@ def test_small_vae_runs():
 
     @jax.jit
     def run(vae, x):
-        mean, logvar = vae.encode(x)
-        return mean, logvar, vae.encode(x.reshape(3, 784))[0], vae.decode(mean)
+        posterior = vae.encode(x)
+        mean, logvar = posterior.mean, posterior.logvar
+        return mean, logvar, vae.encode(x.reshape(3, 784)).mean, vae.decode(mean)
 
     mean, logvar, mean_flat, logits = run(vae, _images(3))
     assert mean.shape == logvar.shape == (3, 3) and logits.shape == (3, 784)
@@ -223,7 +225,8 @@ def test_vae_logvar_stays_within_its_bound_for_huge_inputs():
     @jax.jit
     def run(vae, x, small):
         raw_small = vae.logvar(vae.encoder(small))  # the unbounded output
-        return *vae.encode(x), vae.encode(small)[1], raw_small
+        posterior = vae.encode(x)
+        return posterior.mean, posterior.logvar, vae.encode(small).logvar, raw_small
 
     mean, logvar, logvar_small, raw_small = run(vae, x, _images(2, flat=True) * 1e-4)
     assert np.all(np.isfinite(mean)) and np.all(np.isfinite(logvar))
@@ -232,6 +235,24 @@ def test_vae_logvar_stays_within_its_bound_for_huge_inputs():
     assert np.all(np.isfinite(np.exp(0.5 * np.asarray(logvar))))
     # Near zero the bound is the identity: b * tanh(r / b) ~ r.
     np.testing.assert_allclose(logvar_small, raw_small, rtol=1e-4, atol=1e-6)
+
+
+def test_vae_encode_returns_the_posterior_value_the_bounds_take():
+    vae = models.VAE(encoder_widths=(16,), decoder_widths=(16,), latents=3, rngs=nnx.Rngs(0))
+    x = (_images(4, flat=True) > 0.5).astype(jnp.float32)
+
+    @jax.jit
+    def run(vae, x):
+        posterior = vae.encode(x)
+        terms = losses.elbo(jax.random.key(0), x, posterior, vae.decode)
+        return posterior, terms
+
+    posterior, terms = run(vae, x)  # the value comes out of jit as it went in
+    assert isinstance(posterior, losses.DiagonalGaussian)
+    h = vae.encoder(x)
+    np.testing.assert_array_equal(posterior.mean, vae.mean(h))
+    np.testing.assert_allclose(terms.kl, posterior.kl_to_standard_normal(), rtol=1e-6)
+    assert terms.elbo.shape == (4,) and np.all(np.isfinite(terms.elbo))
 
 
 def test_vae_rejects_an_unknown_activation():
