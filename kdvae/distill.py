@@ -146,7 +146,9 @@ def _predictor(graphdef: nnx.GraphDef):
     @jax.jit
     def predict(state, images):
         model = nnx.merge(graphdef, state)
-        return train.batched_apply(lambda x: model(objectives.to_unit_float(x)), images)
+        return train.batched_apply(
+            lambda x: model(objectives.to_unit_float(x), inference=True), images
+        )
 
     return predict
 

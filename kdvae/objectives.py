@@ -97,7 +97,7 @@ def distillation_objective(
         if "teacher_logits" in batch:
             teacher_logits = batch["teacher_logits"]
         else:
-            teacher_logits = nnx.merge(teacher_graphdef, context["teacher"])(x)
+            teacher_logits = nnx.merge(teacher_graphdef, context["teacher"])(x, inference=True)
         logits = model(x, key=dropout_key)
         loss = losses.distillation_loss(
             logits, teacher_logits, batch["labels"],

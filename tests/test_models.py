@@ -1,7 +1,10 @@
-"""Tests of kdvae.models: shapes of every preset, dropout keys, max-norm, the im2col
-convolution against XLA's, the VAE's log-variance bound, parameter counts."""
+"""Tests of kdvae.models: shapes of every preset, dropout keys and the explicit
+evaluation mode, max-norm, the im2col convolution against XLA's, the VAE's posterior and
+log-variance bound, parameter counts."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +49,9 @@ def test_classifier_presets_map_images_to_logits(name):
 def test_small_classifiers_are_finite_and_take_both_layouts(config):
     model = models.make_classifier(config, rngs=nnx.Rngs(0))
     square = _images(3)
-    logits, from_flat = jax.jit(lambda m, x: (m(x), m(x.reshape(3, 784))))(model, square)
+    logits, from_flat = jax.jit(
+        lambda m, x: (m(x, inference=True), m(x.reshape(3, 784), inference=True))
+    )(model, square)
     assert logits.shape == (3, config.num_classes) and np.all(np.isfinite(logits))
     np.testing.assert_array_equal(from_flat, logits)  # the same images, the same logits
 
@@ -68,9 +73,11 @@ def test_dropout_acts_only_with_a_key_and_is_a_function_of_it(config):
     model = models.make_classifier(config, rngs=nnx.Rngs(0))
     x = _images(8)
     apply = jax.jit(lambda m, x, key: m(x, key=key))
-    evaluation = model(x)
-    np.testing.assert_array_equal(model(x), evaluation)  # no key: deterministic
-    np.testing.assert_array_equal(apply(model, x, None), evaluation)
+    evaluate = jax.jit(lambda m, x, key: m(x, key=key, inference=True))
+    evaluation = model(x, inference=True)
+    np.testing.assert_array_equal(model(x, inference=True), evaluation)  # deterministic
+    np.testing.assert_array_equal(evaluate(model, x, None), evaluation)
+    np.testing.assert_array_equal(evaluate(model, x, jax.random.key(1)), evaluation)  # ignored
     a = apply(model, x, jax.random.key(1))
     np.testing.assert_array_equal(apply(model, x, jax.random.key(1)), a)  # same key, same
     b = apply(model, x, jax.random.key(2))
@@ -83,6 +90,61 @@ def test_a_model_without_dropout_ignores_the_key():
     x = _images(4)
     with_key, without = jax.jit(lambda m, x: (m(x, key=jax.random.key(3)), m(x)))(model, x)
     np.testing.assert_array_equal(with_key, without)
+    # Rate 0 needs no key, in training as in evaluation.
+    np.testing.assert_array_equal(model(x, inference=True), without)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        models.ClassifierConfig("mlp", (16, 8), input_dropout=0.2, hidden_dropout=0.5),
+        models.ClassifierConfig("mlp", (16, 8), input_dropout=0.2),  # input dropout alone
+        models.ClassifierConfig("cnn", (4, 8), dense=16, hidden_dropout=0.5),
+    ],
+    ids=["mlp", "mlp-input-only", "cnn"],
+)
+def test_training_without_a_key_is_an_error(config):
+    model = models.make_classifier(config, rngs=nnx.Rngs(0))
+    x = _images(2)
+    for call in (lambda: model(x), lambda: jax.jit(lambda m, x: m(x))(model, x)):
+        with pytest.raises(ValueError, match=r"needs a PRNG key.*key=.*inference=True"):
+            call()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        models.ClassifierConfig("mlp", (16, 8), input_dropout=0.2, hidden_dropout=0.5),
+        models.ClassifierConfig("cnn", (4, 8), dense=16, hidden_dropout=0.5),
+    ],
+    ids=["mlp", "cnn"],
+)
+def test_inference_is_the_deterministic_network(config):
+    # The same parameters (dropout rates do not change the initialisation) without
+    # dropout layers: inference=True computes exactly that network, key or no key.
+    model = models.make_classifier(config, rngs=nnx.Rngs(0))
+    plain_config = dataclasses.replace(config, input_dropout=0.0, hidden_dropout=0.0)
+    plain = models.make_classifier(plain_config, rngs=nnx.Rngs(0))
+    x = _images(6)
+
+    @jax.jit
+    def run(model, plain, x):
+        key = jax.random.key(0)
+        return model(x, inference=True), model(x, key=key, inference=True), plain(x)
+
+    evaluation, with_key, deterministic = run(model, plain, x)
+    np.testing.assert_array_equal(evaluation, deterministic)
+    np.testing.assert_array_equal(with_key, deterministic)
+
+
+def test_dropout_function_needs_a_key_only_in_training_at_a_nonzero_rate():
+    x, key = jnp.ones((4, 5)), jax.random.key(0)
+    with pytest.raises(ValueError, match="key"):
+        models.dropout(None, x, 0.5)
+    assert models.dropout(None, x, 0.5, inference=True) is x
+    assert models.dropout(key, x, 0.5, inference=True) is x
+    assert models.dropout(None, x, 0.0) is x
+    assert not np.array_equal(models.dropout(key, x, 0.5), x)
 
 
 def _column_norms(kernel: jax.Array) -> np.ndarray:
