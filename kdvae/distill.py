@@ -403,7 +403,11 @@ def _figures(workdir: Path, teacher: nnx.Module, ds: kdata.Dataset, log: train.M
     """The temperature, dark-knowledge and training-curve figures."""
     from kdvae import plots
 
-    plots.temperature_figure(workdir / "temperature.png")
+    logits = np.arange(1.0, 6.0)  # an illustrative example: z = 1, ..., 5
+    softened = {
+        t: np.asarray(losses.tempered_softmax(logits, temperature=t)) for t in (1, 2, 5, 10, 20)
+    }
+    plots.temperature_figure(workdir / "temperature.png", logits, softened)
     index = int(np.flatnonzero(ds.test.labels == ds.test.labels[0])[0])
     teacher_logits = _logits(teacher, ds.test.images[index : index + 1])[0]
     probs = {

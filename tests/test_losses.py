@@ -318,6 +318,34 @@ def test_distillation_loss_with_mask_matches_numpy():
     assert_close(fn(s, t, labels, where=mask), ref, rtol=2e-5)
 
 
+def test_tempered_softmax_in_float64_matches_hand_computation():
+    # (The figures in kdvae.plots draw these probabilities; this was plots' own test.)
+    logits = np.array([1.0, 2.0, 3.0])
+    with jax.enable_x64(True):
+        for t in (1.0, 2.0, 10.0):
+            e = np.array([math.exp(z / t) for z in logits])
+            p = jax.jit(functools.partial(losses.tempered_softmax, temperature=t))(logits)
+            assert p.dtype == jnp.float64  # float64 in, float64 out
+            np.testing.assert_allclose(p, e / e.sum(), rtol=1e-14)
+    # Hand numbers: softmax([1, 2, 3]) = [0.0900306, 0.2447285, 0.6652410].
+    np.testing.assert_allclose(
+        losses.tempered_softmax(logits), [0.09003057, 0.24472847, 0.66524096], atol=1e-7
+    )
+
+
+def test_tempered_softmax_is_stable_at_extreme_logits_and_temperatures():
+    p = jax.jit(functools.partial(losses.tempered_softmax, temperature=0.05))(
+        np.array([1e4, -1e4, 0.0], dtype=np.float32)
+    )
+    assert np.all(np.isfinite(p))
+    np.testing.assert_allclose(p, [1.0, 0.0, 0.0])
+    q = losses.tempered_softmax(np.array([[1.0, 2.0], [3.0, 3.0]]), temperature=1000.0)
+    np.testing.assert_allclose(q.sum(axis=-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(q[1], [0.5, 0.5])
+    with pytest.raises(ValueError, match="temperature"):
+        losses.tempered_softmax(np.zeros(3), temperature=0.0)
+
+
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_gaussian_kl_matches_numpy(axis):
     rng = np.random.default_rng(8)
