@@ -505,13 +505,7 @@ def gaussian_kl(mean: ArrayLike, logvar: ArrayLike, *, axis: int = -1) -> jax.Ar
     """
     mean, logvar = _gaussian_parameters(mean, logvar)
     axis = _check_axis("mean", axis, mean.ndim)
-    return _standard_normal_kl(mean, logvar, axis)
-
-
-def _standard_normal_kl(mean: jax.Array, logvar: jax.Array, axis: int | None) -> jax.Array:
-    """``KL(N(mean, exp(logvar)) || N(0, 1))`` summed over ``axis``; ``None``: per entry."""
-    twice_kl = jnp.square(mean) + jnp.expm1(logvar) - logvar
-    return 0.5 * (twice_kl if axis is None else jnp.sum(twice_kl, axis=axis))
+    return 0.5 * jnp.sum(jnp.square(mean) + jnp.expm1(logvar) - logvar, axis=axis)
 
 
 def diagonal_gaussian_kl(
@@ -763,8 +757,8 @@ class DiagonalGaussian:
     def kl_to_standard_normal(self, *, per_dimension: bool = False) -> jax.Array:
         """``KL(q || N(0, I))``: ``[...]`` summed over the latents (:func:`gaussian_kl`),
         or ``[..., L]`` one per latent with ``per_dimension=True`` (for free bits)."""
-        if per_dimension:
-            return _standard_normal_kl(self.mean, self.logvar, axis=None)
+        if per_dimension:  # each latent as a Gaussian of its own, on a trailing axis of 1
+            return gaussian_kl(self.mean[..., None], self.logvar[..., None])
         return gaussian_kl(self.mean, self.logvar)
 
     def kl(self, other: DiagonalGaussian) -> jax.Array:
