@@ -101,9 +101,8 @@ def decode(params, z):
 
 
 def kdvae_elbo(params, key, x, decoder=decode):
-    terms = losses.elbo(
-        key, x, lambda x: encode(params, x), lambda z: decoder(params, z), num_samples=1
-    )
+    posterior = losses.DiagonalGaussian(*encode(params, x))
+    terms = losses.elbo(key, x, posterior, lambda z: decoder(params, z), num_samples=1)
     return -jnp.mean(terms.elbo)
 
 

@@ -81,7 +81,7 @@ def distillation_objective(
         if "teacher_logits" in batch:
             teacher_logits = batch["teacher_logits"]
         else:
-            teacher_logits = nnx.merge(teacher_graphdef, context["teacher"])(x)
+            teacher_logits = nnx.merge(teacher_graphdef, context["teacher"])(x, inference=True)
         logits = model(x, key=dropout_key)
         loss = losses.distillation_loss(
             logits,
@@ -157,7 +157,7 @@ def _predictor(graphdef: nnx.GraphDef):
     @jax.jit
     def predict(state, images):
         model = nnx.merge(graphdef, state)
-        return train.batched_apply(lambda x: model(data.to_unit_float(x)), images)
+        return train.batched_apply(lambda x: model(data.to_unit_float(x), inference=True), images)
 
     return predict
 
@@ -235,7 +235,11 @@ def figures(workdir: Path, teacher: nnx.Module, ds: data.Dataset, log: train.Met
     """The temperature, dark-knowledge and training-curve figures."""
     from kdvae import plots
 
-    plots.temperature_figure(workdir / "temperature.png")
+    logits = np.arange(1.0, 6.0)  # an illustrative example: z = 1, ..., 5
+    softened = {
+        t: np.asarray(losses.tempered_softmax(logits, temperature=t)) for t in (1, 2, 5, 10, 20)
+    }
+    plots.temperature_figure(workdir / "temperature.png", logits, softened)
     index = int(np.flatnonzero(ds.test.labels == ds.test.labels[0])[0])
     teacher_logits = predict(teacher, ds.test.images[index : index + 1])[0]
     probs = {

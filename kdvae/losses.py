@@ -14,6 +14,7 @@ the returned values are float32 for them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -25,6 +26,7 @@ from jax.typing import ArrayLike
 from kdvae import kernels
 
 __all__ = [
+    "DiagonalGaussian",
     "ELBOTerms",
     "bernoulli_log_likelihood",
     "check_distillation_settings",
@@ -118,10 +120,13 @@ def tempered_log_softmax(
 
     .. math::
         \log S_T(z)_i = z_i / T - \log \sum_j \exp(z_j / T)
+          = \mathrm{log\_softmax}\big((z - \max_j z_j) / T\big)_i
 
-    The largest unmasked logit is subtracted from the (halved) logits before dividing
-    by ``T``, so logits up to the float32 maximum do not overflow, at any temperature.
-    Masked (``where=False``) and ``-inf`` classes get ``-inf``.
+    Computed as written on the right: ``s - logsumexp(s)`` for the logits ``s`` shifted
+    by their largest unmasked entry, then divided by ``T``. The shift leaves the
+    softmax unchanged, and taken before the division it keeps logits up to the float32
+    maximum from overflowing, at any temperature. Masked (``where=False``) and ``-inf``
+    classes get ``-inf``.
 
     Args:
       logits: ``[..., C, ...]`` unnormalised log-probabilities, classes along ``axis``.
@@ -147,26 +152,26 @@ def tempered_log_softmax(
     logits = _float_array("logits", logits)
     axis = _check_axis("logits", axis, logits.ndim)
     where = _check_where(where, logits.shape)
-    scaled, log_normalizer, _ = _shifted_logits(logits, temperature, axis, where)
-    out = scaled - log_normalizer
+    scaled = _shifted_and_scaled(logits, temperature, axis, where)[0]  # (z - max z) / T
+    out = scaled - jax.nn.logsumexp(scaled, axis=axis, keepdims=True)  # log_softmax(z / T)
     return out if where is None else jnp.where(where, out, -jnp.inf)
 
 
-def _shifted_logits(
+def _shifted_and_scaled(
     logits: jax.Array, temperature: Any, axis: int, where: jax.Array | None
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(z - max z) / T`` (masked classes ``-inf``), its log-sum-exp, and ``max z``.
+) -> tuple[jax.Array, jax.Array]:
+    """``(z - max z) / T`` (masked classes ``-inf``) and the shift ``max z``.
 
-    The largest visible entry is exactly 0 and every other one is <= 0, so the sum of
-    exponentials lies in ``[1, C]``: no second max-shift is needed (as in
-    ``jax.nn.log_softmax``). Subtracting the max first, rather than dividing first, keeps
-    the result exact for logits with a large common offset.
+    A softmax does not change when a constant is subtracted from every logit, so this
+    stands for ``z / T`` in a log-softmax, but is finite for logits up to the float32
+    maximum at any ``T``: the largest visible entry is exactly 0 and every other one is
+    <= 0. Subtracting the max first, rather than dividing first, keeps the result exact
+    for logits with a large common offset.
     """
     visible = logits if where is None else jnp.where(where, logits, -jnp.inf)
     shift = jnp.max(visible, axis=axis, keepdims=True)
     shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
-    scaled = _shift_and_scale(visible, shift, temperature)
-    return scaled, jnp.log(jnp.sum(jnp.exp(scaled), axis=axis, keepdims=True)), shift
+    return _shift_and_scale(visible, shift, temperature), shift
 
 
 def _shift_and_scale(logits: jax.Array, shift: jax.Array, temperature: Any) -> jax.Array:
@@ -266,7 +271,9 @@ def tempered_cross_entropy(
         # As optax does: pick the label's logit from the input and scale only that one,
         # rather than form every log-probability and pick one (measurably faster).
         where = _check_where(where, logits.shape)
-        _, log_normalizer, shift = _shifted_logits(logits, temperature, axis, where)
+        scaled, shift = _shifted_and_scaled(logits, temperature, axis, where)
+        # The sum of exponentials lies in [1, C] (the largest term is exp(0)): no overflow.
+        log_normalizer = jnp.log(jnp.sum(jnp.exp(scaled), axis=axis, keepdims=True))
         index = jnp.expand_dims(labels, axis)
         picked = jnp.take_along_axis(logits, index, axis=axis)
         if where is not None:  # a masked class has probability 0
@@ -442,16 +449,32 @@ def reparameterize(
       Kingma & Welling, *Auto-Encoding Variational Bayes*, 2014, section 2.4.
       https://arxiv.org/abs/1312.6114
     """
+    mean, logvar = _gaussian_parameters(mean, logvar)
+    eps = _standard_normal_noise(key, mean, num_samples)
+    return _reparameterized(mean, logvar, eps)
+
+
+def _gaussian_parameters(mean: ArrayLike, logvar: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    """``mean`` and ``logvar`` as floating arrays of one shape, else a ``ValueError``."""
     mean = _float_array("mean", mean)
     logvar = _float_array("logvar", logvar)
     if mean.shape != logvar.shape:
         raise ValueError(f"mean and logvar must match, got {mean.shape} and {logvar.shape}.")
+    return mean, logvar
+
+
+def _standard_normal_noise(key: jax.Array, mean: jax.Array, num_samples: Any) -> jax.Array:
+    """``eps ~ N(0, I)`` shaped like ``mean``, or ``[S, *mean.shape]`` for ``S`` samples."""
     shape = mean.shape
     if num_samples is not None:
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int or None, got {num_samples!r}.")
         shape = (num_samples, *shape)
-    eps = kernels.normal(key, shape, mean.dtype)  # jax.random.normal's values (faster on a CPU)
+    return kernels.normal(key, shape, mean.dtype)  # jax.random.normal's values (faster on a CPU)
+
+
+def _reparameterized(mean: jax.Array, logvar: jax.Array, eps: jax.Array) -> jax.Array:
+    """``z = mu + sigma * eps``: the reparameterization."""
     return mean + jnp.exp(0.5 * logvar) * eps
 
 
@@ -480,10 +503,7 @@ def gaussian_kl(mean: ArrayLike, logvar: ArrayLike, *, axis: int = -1) -> jax.Ar
     References:
       Kingma & Welling, 2014, appendix B. https://arxiv.org/abs/1312.6114
     """
-    mean = _float_array("mean", mean)
-    logvar = _float_array("logvar", logvar)
-    if mean.shape != logvar.shape:
-        raise ValueError(f"mean and logvar must match, got {mean.shape} and {logvar.shape}.")
+    mean, logvar = _gaussian_parameters(mean, logvar)
     axis = _check_axis("mean", axis, mean.ndim)
     return 0.5 * jnp.sum(jnp.square(mean) + jnp.expm1(logvar) - logvar, axis=axis)
 
@@ -542,6 +562,23 @@ def _standardized_square(diff: jax.Array, logvar: jax.Array) -> jax.Array:
     """
     safe_logvar = jnp.where(diff == 0, 0.0, logvar)
     return jnp.square(diff * jnp.exp(-0.5 * safe_logvar))
+
+
+def _normal_log_density(
+    standardized_square: jax.Array, logvar: ArrayLike, axis: int | tuple[int, ...]
+) -> jax.Array:
+    r"""``log N(x; mu, sigma^2)``, summed over ``axis``: the one Gaussian log-density here.
+
+    .. math::
+        \log N(x; \mu, \sigma^2) = -\tfrac12 \sum \big(u^2 + \log 2\pi + \log\sigma^2\big),
+          \quad u = (x - \mu) / \sigma
+
+    It takes ``u**2`` so each caller forms it the accurate way: ``eps**2`` for a
+    reparameterized sample ``z = mu + sigma * eps`` (``z - mu`` would lose the digits
+    ``z`` shares with ``mu``), ``z**2`` under the prior ``N(0, I)``, and
+    :func:`_standardized_square` for data.
+    """
+    return -0.5 * jnp.sum(standardized_square + _LOG_2PI + logvar, axis=axis)
 
 
 def _check_event_ndim(event_ndim: int, ndim: int) -> tuple[int, ...]:
@@ -628,8 +665,108 @@ def gaussian_log_likelihood(
             f"mean {mean.shape}, logvar {logvar.shape} and x {x.shape} must broadcast together."
         ) from err
     axes = _check_event_ndim(event_ndim, len(shape))
-    per_dim = _LOG_2PI + logvar + _standardized_square(x - mean, logvar)
-    return -0.5 * jnp.sum(jnp.broadcast_to(per_dim, shape), axis=axes)
+    # The standardized square has the broadcast shape of x, mean and logvar.
+    return _normal_log_density(_standardized_square(x - mean, logvar), logvar, axes)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class DiagonalGaussian:
+    r"""The diagonal Gaussian ``N(mean, diag(exp(logvar)))`` as a value: a VAE's ``q(z|x)``.
+
+    .. math::
+        q(z) = \prod_l N\big(z_l; \mu_l, \exp(\log\sigma_l^2)\big)
+
+    A pytree whose leaves are ``mean`` and ``logvar``, so it goes in and out of
+    ``jax.jit``, ``vmap`` and ``lax`` loops like an array. The latents are the last
+    axis; the axes before it are the batch. The methods are :func:`reparameterize`,
+    :func:`gaussian_kl` and :func:`diagonal_gaussian_kl` on its parameters.
+
+    Args:
+      mean: ``[..., L]`` means.
+      logvar: ``[..., L]`` log-variances (same shape; float32 or wider, as the losses).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from kdvae.losses import DiagonalGaussian
+      >>> q = DiagonalGaussian(jnp.zeros((4, 2)), jnp.zeros((4, 2)))
+      >>> q.sample(jax.random.key(0), num_samples=3).shape
+      (3, 4, 2)
+      >>> q.kl_to_standard_normal()
+      Array([0., 0., 0., 0.], dtype=float32)
+
+    References:
+      Kingma & Welling, *Auto-Encoding Variational Bayes*, 2014, section 2.4 and
+      appendix B. https://arxiv.org/abs/1312.6114 (The interface follows distrax's
+      ``Normal``: ``sample``, ``sample_and_log_prob``, ``log_prob``, ``kl_divergence``.)
+    """
+
+    mean: jax.Array
+    logvar: jax.Array
+
+    def __post_init__(self):
+        mean, logvar = _gaussian_parameters(self.mean, self.logvar)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "logvar", logvar)
+
+    def tree_flatten(self) -> tuple[tuple[jax.Array, jax.Array], None]:
+        return (self.mean, self.logvar), None
+
+    @classmethod
+    def tree_unflatten(cls, _: None, leaves: Any) -> DiagonalGaussian:
+        # Unchecked: JAX rebuilds pytrees with stand-ins for the leaves (None, shapes).
+        gaussian = object.__new__(cls)
+        object.__setattr__(gaussian, "mean", leaves[0])
+        object.__setattr__(gaussian, "logvar", leaves[1])
+        return gaussian
+
+    def sample(self, key: jax.Array, *, num_samples: int | None = None) -> jax.Array:
+        """Reparameterized ``z ~ q``: ``[..., L]``, or ``[S, ..., L]`` for ``num_samples=S``
+        (:func:`reparameterize`)."""
+        return reparameterize(key, self.mean, self.logvar, num_samples=num_samples)
+
+    def sample_and_log_prob(
+        self, key: jax.Array, *, num_samples: int | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        r"""The sample of :meth:`sample` (same key, same ``z``) and its ``log q(z)``.
+
+        The density is taken from the noise, ``-1/2 sum(eps**2 + log 2 pi + logvar)``,
+        which is exact where ``z - mean`` would round (a small variance beside a large
+        mean).
+
+        Returns:
+          ``z``: ``[..., L]`` (or ``[S, ..., L]``); ``log q(z)``: ``[...]`` (or ``[S, ...]``).
+        """
+        eps = _standard_normal_noise(key, self.mean, num_samples)
+        z = _reparameterized(self.mean, self.logvar, eps)
+        return z, _normal_log_density(jnp.square(eps), self.logvar, axis=-1)
+
+    def log_prob(self, z: ArrayLike) -> jax.Array:
+        """``log q(z)``, summed over the latents: ``z`` of shape ``[..., L]`` (or
+        ``[S, ..., L]``, broadcasting against the batch) -> ``[...]`` (or ``[S, ...]``)."""
+        z = _float_array("z", z)
+        try:
+            jnp.broadcast_shapes(z.shape, self.mean.shape)
+        except ValueError as err:
+            raise ValueError(
+                f"z with shape {z.shape} does not broadcast with mean {self.mean.shape}."
+            ) from err
+        u_square = _standardized_square(z - self.mean, self.logvar)
+        return _normal_log_density(u_square, self.logvar, axis=-1)
+
+    def kl_to_standard_normal(self, *, per_dimension: bool = False) -> jax.Array:
+        """``KL(q || N(0, I))``: ``[...]`` summed over the latents (:func:`gaussian_kl`),
+        or ``[..., L]`` one per latent with ``per_dimension=True`` (for free bits)."""
+        if per_dimension:  # each latent as a Gaussian of its own, on a trailing axis of 1
+            return gaussian_kl(self.mean[..., None], self.logvar[..., None])
+        return gaussian_kl(self.mean, self.logvar)
+
+    def kl(self, other: DiagonalGaussian) -> jax.Array:
+        """``KL(self || other)``, summed over the latents: ``[...]``
+        (:func:`diagonal_gaussian_kl`; ``other`` broadcasts against ``self``)."""
+        if not isinstance(other, DiagonalGaussian):
+            raise TypeError(f"other must be a DiagonalGaussian, got {type(other).__name__}.")
+        return diagonal_gaussian_kl(self.mean, self.logvar, other.mean, other.logvar)
 
 
 class ELBOTerms(NamedTuple):
@@ -645,7 +782,6 @@ class ELBOTerms(NamedTuple):
 
 _LIKELIHOODS = ("bernoulli", "gaussian")
 
-Encoder = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 Decoder = Callable[[jax.Array], Any]
 
 
@@ -677,10 +813,26 @@ def _check_vae_args(likelihood: str, num_samples: Any, name: str = "num_samples"
         raise ValueError(f"{name} must be a positive int, got {num_samples!r}.")
 
 
+def _check_posterior(posterior: Any, x: jax.Array, event_ndim: Any) -> None:
+    """``posterior`` is a :class:`DiagonalGaussian` with ``x``'s batch shape."""
+    if not isinstance(posterior, DiagonalGaussian):
+        raise TypeError(
+            "posterior must be a DiagonalGaussian (what VAE.encode(x) returns), "
+            f"got {type(posterior).__name__}."
+        )
+    _check_event_ndim(event_ndim, x.ndim)
+    batch = x.shape[: x.ndim - event_ndim]
+    if posterior.mean.shape[:-1] != batch:
+        raise ValueError(
+            f"the posterior's batch shape {posterior.mean.shape[:-1]} must be x's, {batch} "
+            f"(x of shape {x.shape} with event_ndim={event_ndim})."
+        )
+
+
 def elbo(
     key: jax.Array,
     x: ArrayLike,
-    encoder: Encoder,
+    posterior: DiagonalGaussian,
     decoder: Decoder,
     *,
     num_samples: int = 1,
@@ -694,14 +846,15 @@ def elbo(
         \mathrm{ELBO}(x) = \mathbb{E}_{q(z|x)}[\log p(x|z)]
           - \beta \, \mathrm{KL}\big(q(z|x) \,\|\, p(z)\big)
 
-    with ``q(z|x) = N(mean, exp(logvar))`` from the encoder, ``p(z) = N(0, I)``, the
-    expectation estimated with ``num_samples`` reparameterized samples and the KL
-    analytic. Note the KL's direction: posterior first, prior second.
+    with ``q(z|x)`` the ``posterior`` (e.g. ``VAE.encode(x)``), ``p(z) = N(0, I)``, the
+    expectation estimated with ``num_samples`` reparameterized samples
+    (``posterior.sample``) and the KL analytic (``posterior.kl_to_standard_normal``).
+    Note the KL's direction: posterior first, prior second.
 
     Args:
       key: a PRNG key for the samples.
       x: ``[B, ...]`` observations (``event_ndim`` trailing axes each).
-      encoder: ``x -> (mean, logvar)``, each ``[B, L]``.
+      posterior: ``q(z|x)``, a :class:`DiagonalGaussian` of shape ``[B, L]``.
       decoder: ``z -> logits`` (Bernoulli) or ``z -> (mean, logvar)`` (Gaussian), for
         ``z`` of shape ``[S * B, L]`` (the samples folded into the batch axis, sample
         major), returning arrays of shape ``[S * B, D...]`` (a Gaussian log-variance may
@@ -717,10 +870,10 @@ def elbo(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from kdvae.losses import elbo
-      >>> enc = lambda x: (jnp.zeros((x.shape[0], 2)), jnp.zeros((x.shape[0], 2)))
+      >>> from kdvae.losses import DiagonalGaussian, elbo
+      >>> q = DiagonalGaussian(jnp.zeros((4, 2)), jnp.zeros((4, 2)))  # q(z|x), 4 examples
       >>> dec = lambda z: jnp.zeros(z.shape[:-1] + (3,))
-      >>> elbo(jax.random.key(0), jnp.ones((4, 3)), enc, dec).elbo.shape
+      >>> elbo(jax.random.key(0), jnp.ones((4, 3)), q, dec).elbo.shape
       (4,)
 
     References:
@@ -729,18 +882,18 @@ def elbo(
     """
     _check_vae_args(likelihood, num_samples)
     x = jnp.asarray(x)
-    mean, logvar = encoder(x)
-    z = reparameterize(key, mean, logvar, num_samples=num_samples)  # [S, B, L]
+    _check_posterior(posterior, x, event_ndim)
+    z = posterior.sample(key, num_samples=num_samples)  # [S, B, L]
     log_px_z = _log_likelihood(likelihood, _decode(decoder, z), x, event_ndim)  # [S, B]
     reconstruction = jnp.mean(log_px_z, axis=0)
-    kl = gaussian_kl(mean, logvar)
+    kl = posterior.kl_to_standard_normal()
     return ELBOTerms(elbo=reconstruction - beta * kl, reconstruction=reconstruction, kl=kl)
 
 
 def iwae_bound(
     key: jax.Array,
     x: ArrayLike,
-    encoder: Encoder,
+    posterior: DiagonalGaussian,
     decoder: Decoder,
     *,
     num_samples: int,
@@ -758,12 +911,13 @@ def iwae_bound(
     ``log p(x)``, so with large ``k`` (5000 in Burda et al.) it estimates the
     log-likelihood. The samples are evaluated ``chunk_size`` at a time (a ``lax.map``),
     so memory is that of ``chunk_size`` decoder passes; sample ``i`` is drawn from
-    ``fold_in(key, i)``, so the result does not depend on ``chunk_size``.
+    ``fold_in(key, i)`` (``posterior.sample_and_log_prob``), so the result does not
+    depend on ``chunk_size``.
 
     Args:
       key: a PRNG key.
       x: ``[B, ...]`` observations.
-      encoder: ``x -> (mean, logvar)``, each ``[B, L]``.
+      posterior: ``q(z|x)``, a :class:`DiagonalGaussian` of shape ``[B, L]``.
       decoder: as in :func:`elbo`, for ``z`` of shape ``[chunk * B, L]``.
       num_samples: ``k >= 1``.
       chunk_size: samples per decoder pass; ``None`` for all ``k`` at once.
@@ -775,10 +929,10 @@ def iwae_bound(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from kdvae.losses import iwae_bound
-      >>> enc = lambda x: (jnp.zeros((x.shape[0], 2)), jnp.zeros((x.shape[0], 2)))
+      >>> from kdvae.losses import DiagonalGaussian, iwae_bound
+      >>> q = DiagonalGaussian(jnp.zeros((4, 2)), jnp.zeros((4, 2)))
       >>> dec = lambda z: jnp.zeros(z.shape[:-1] + (3,))
-      >>> iwae_bound(jax.random.key(0), jnp.ones((4, 3)), enc, dec, num_samples=8).shape
+      >>> iwae_bound(jax.random.key(0), jnp.ones((4, 3)), q, dec, num_samples=8).shape
       (4,)
 
     References:
@@ -791,23 +945,16 @@ def iwae_bound(
     chunk = min(chunk, num_samples)
     num_chunks = -(-num_samples // chunk)
     x = jnp.asarray(x)
-    mean, logvar = encoder(x)
-    mean, logvar = _float_array("mean", mean), _float_array("logvar", logvar)
-    if mean.shape != logvar.shape:
-        raise ValueError(
-            f"the encoder's mean and logvar must match, got {mean.shape} and {logvar.shape}."
-        )
-    std = jnp.exp(0.5 * logvar)
+    _check_posterior(posterior, x, event_ndim)
+
+    def draw(i: jax.Array) -> tuple[jax.Array, jax.Array]:  # z_i ~ q and log q(z_i)
+        return posterior.sample_and_log_prob(jax.random.fold_in(key, i))
 
     def log_weights(chunk_index: jax.Array) -> jax.Array:  # [chunk, B]
         index = chunk_index * chunk + jnp.arange(chunk)
-        eps = jax.vmap(
-            lambda i: kernels.normal(jax.random.fold_in(key, i), mean.shape, mean.dtype)
-        )(index)
-        z = mean + std * eps
+        z, log_qz = jax.vmap(draw)(index)  # [chunk, B, L], [chunk, B]
         log_px_z = _log_likelihood(likelihood, _decode(decoder, z), x, event_ndim)
-        log_pz = -0.5 * jnp.sum(jnp.square(z) + _LOG_2PI, axis=-1)
-        log_qz = -0.5 * jnp.sum(jnp.square(eps) + _LOG_2PI + logvar, axis=-1)
+        log_pz = _normal_log_density(jnp.square(z), 0.0, axis=-1)  # p(z) = N(0, I)
         log_w = log_px_z + log_pz - log_qz
         return jnp.where((index < num_samples)[:, None], log_w, -jnp.inf)
 

@@ -1,9 +1,16 @@
 """Flax NNX models: MLP and CNN classifiers (teacher and student) and an MLP VAE.
 
 Every module is free of hidden state: stochastic layers (dropout) take an explicit PRNG
-``key`` at call time, and ``key=None`` means evaluation (deterministic). So the
-functional pattern ``nnx.split -> jax.jit -> nnx.merge`` works unchanged, and a train
-step derives its key from the seed, the epoch and the step alone.
+``key`` at call time. Evaluation is asked for explicitly, as in Equinox: a classifier
+called with ``inference=True`` is deterministic (dropout off, any key ignored), while in
+training (``inference=False``, the default) a model with dropout raises a ``ValueError``
+when the ``key`` is missing, rather than silently evaluating. So the functional pattern
+``nnx.split -> jax.jit -> nnx.merge`` works unchanged, and a train step derives its key
+from the seed, the epoch and the step alone.
+
+The VAE's encoder returns its posterior ``q(z|x)`` as a value,
+:class:`kdvae.losses.DiagonalGaussian`, which :func:`kdvae.losses.elbo` and
+:func:`kdvae.losses.iwae_bound` take.
 
 Inputs are images as floats in ``[0, 1]``, either ``[B, 784]`` or ``[B, 28, 28, 1]``.
 """
@@ -19,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdvae import kernels
+from kdvae import kernels, losses
 
 __all__ = [
     "CLASSIFIER_PRESETS",
@@ -45,15 +52,24 @@ def _activation(name: str):
     return _ACTIVATIONS[name]
 
 
-def dropout(key: jax.Array | None, x: jax.Array, rate: float) -> jax.Array:
+def dropout(
+    key: jax.Array | None, x: jax.Array, rate: float, *, inference: bool = False
+) -> jax.Array:
     """Inverted dropout: zero each entry with probability ``rate``, scale the rest by
-    ``1 / (1 - rate)``. ``key=None`` or ``rate=0`` returns ``x`` unchanged (evaluation).
+    ``1 / (1 - rate)``.
 
-    The mask is ``jax.random.bernoulli(key, 1 - rate, x.shape)``'s, drawn by
+    ``inference=True`` (evaluation) or ``rate=0`` returns ``x`` unchanged, and needs no
+    ``key``; otherwise a missing ``key`` is a ``ValueError``. The mask is
+    ``jax.random.bernoulli(key, 1 - rate, x.shape)``'s, drawn by
     :func:`kdvae.kernels.bernoulli` (faster on a CPU).
     """
-    if key is None or rate == 0.0:
+    if inference or rate == 0.0:
         return x
+    if key is None:
+        raise ValueError(
+            f"dropout (rate {rate}) in training needs a PRNG key: pass key=... to train, "
+            "or inference=True to evaluate."
+        )
     keep = 1.0 - rate
     mask = kernels.bernoulli(key, keep, x.shape)
     return jnp.where(mask, x * (1.0 / keep), jnp.zeros_like(x))
@@ -98,13 +114,19 @@ class MLPClassifier(nnx.Module):
         self.hidden_dropout = _check_rate("hidden_dropout", hidden_dropout)
         self.max_norm = max_norm
 
-    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
-        """``[B, 784]`` or ``[B, 28, 28, 1]`` images -> ``[B, num_classes]`` logits."""
+    def __call__(
+        self, x: jax.Array, *, key: jax.Array | None = None, inference: bool = False
+    ) -> jax.Array:
+        """``[B, 784]`` or ``[B, 28, 28, 1]`` images -> ``[B, num_classes]`` logits.
+
+        ``key`` draws the dropout masks in training; ``inference=True`` evaluates
+        (no dropout, no key needed). See :func:`dropout`.
+        """
         x = x.reshape(x.shape[0], -1)
         keys = [None] * len(self.layers) if key is None else jax.random.split(key, len(self.layers))
-        x = dropout(keys[0], x, self.input_dropout)
+        x = dropout(keys[0], x, self.input_dropout, inference=inference)
         for layer, layer_key in zip(self.layers[:-1], keys[1:], strict=True):
-            x = dropout(layer_key, jax.nn.relu(layer(x)), self.hidden_dropout)
+            x = dropout(layer_key, jax.nn.relu(layer(x)), self.hidden_dropout, inference=inference)
         return self.layers[-1](x)
 
     def constrain(self) -> None:
@@ -157,13 +179,19 @@ class CNNClassifier(nnx.Module):
         self.out = nnx.Linear(dense, num_classes, rngs=rngs)
         self.dropout = _check_rate("dropout", dropout)
 
-    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
-        """``[B, 784]`` or ``[B, 28, 28, 1]`` images -> ``[B, num_classes]`` logits."""
+    def __call__(
+        self, x: jax.Array, *, key: jax.Array | None = None, inference: bool = False
+    ) -> jax.Array:
+        """``[B, 784]`` or ``[B, 28, 28, 1]`` images -> ``[B, num_classes]`` logits.
+
+        ``key`` draws the dropout mask in training; ``inference=True`` evaluates
+        (no dropout, no key needed). See :func:`dropout`.
+        """
         x = x.reshape(x.shape[0], 28, 28, 1)
         for conv in self.convs:
             x = jax.nn.relu(conv(x, max_pool=True))  # relu(pool(.)) = pool(relu(.))
         x = jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1)))
-        return self.out(dropout(key, x, self.dropout))
+        return self.out(dropout(key, x, self.dropout, inference=inference))
 
     def constrain(self) -> None:
         """No weight constraint; present so every classifier has the same interface."""
@@ -276,11 +304,12 @@ class VAE(nnx.Module):
         self.logvar_bound = logvar_bound
         self.latents = latents
 
-    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``[B, 784]`` (or ``[B, 28, 28, 1]``) -> ``(mean, logvar)``, each ``[B, L]``."""
+    def encode(self, x: jax.Array) -> losses.DiagonalGaussian:
+        """``[B, 784]`` (or ``[B, 28, 28, 1]``) -> the posterior ``q(z|x)``, a
+        :class:`kdvae.losses.DiagonalGaussian` with ``mean`` and ``logvar`` of ``[B, L]``."""
         h = self.encoder(x.reshape(x.shape[0], -1))
         bound = self.logvar_bound
-        return self.mean(h), bound * jnp.tanh(self.logvar(h) / bound)
+        return losses.DiagonalGaussian(self.mean(h), bound * jnp.tanh(self.logvar(h) / bound))
 
     def decode(self, z: jax.Array) -> jax.Array:
         """``[..., L]`` latents -> ``[..., 784]`` Bernoulli logits."""

@@ -1,7 +1,9 @@
 """Figures for the two examples: distillation and the VAE.
 
 Every function is pure: it takes NumPy arrays (or plain lists and dicts) and an output path,
-writes one PNG there (creating the parent folder) and returns the path as a ``Path``.
+writes one PNG there (creating the parent folder) and returns the path as a ``Path``. It draws
+numbers, it does not derive them: the caller computes the probabilities to draw with the
+library (e.g. :func:`kdvae.losses.tempered_softmax`), so each formula lives in one place.
 
 Figures are drawn with matplotlib's object-oriented API on an Agg canvas
 (``matplotlib.figure.Figure`` and ``fig.savefig``), never through ``pyplot``, so they need no
@@ -54,24 +56,6 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=_DPI, format="png")
     return path
-
-
-def _tempered_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """``softmax(logits / temperature)`` over the last axis, in float64, computed stably.
-
-    Args:
-      logits: ``[..., C]``.
-      temperature: a positive scalar.
-
-    Returns:
-      ``[..., C]`` float64 probabilities summing to one over the last axis.
-    """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature!r}")
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - np.max(z, axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / np.sum(e, axis=-1, keepdims=True)
 
 
 def _as_images(images: np.ndarray, *, name: str = "images") -> np.ndarray:
@@ -140,6 +124,26 @@ def _class_labels(num_classes: int, class_names: Sequence[str] | None) -> list[s
     return names[:num_classes]
 
 
+def _by_temperature(
+    probabilities_by_temperature: Mapping[float, np.ndarray],
+) -> tuple[list[float], np.ndarray]:
+    """``{T: probs [C] or [1, C]}`` -> the temperatures, ascending, and ``[T, C]`` float64."""
+    if not probabilities_by_temperature:
+        raise ValueError("probabilities_by_temperature is empty")
+    items = sorted(
+        (float(t), np.asarray(p, dtype=np.float64)) for t, p in probabilities_by_temperature.items()
+    )
+    probs = []
+    for t, p in items:
+        p = np.squeeze(p)
+        if p.ndim != 1:
+            raise ValueError(f"probabilities at T={t:g} must have shape [C], got {p.shape}")
+        probs.append(p)
+    if any(p.size != probs[0].size for p in probs):
+        raise ValueError(f"probability vectors differ in length: {[p.size for p in probs]}")
+    return [t for t, _ in items], np.stack(probs)
+
+
 def _normal_quantile_grid(n: int, low: float = 0.05, high: float = 0.95) -> np.ndarray:
     """``n`` standard-normal quantiles at probabilities ``linspace(low, high, n)``, ascending.
 
@@ -158,25 +162,29 @@ def _normal_quantile_grid(n: int, low: float = 0.05, high: float = 0.95) -> np.n
 
 def temperature_figure(
     path: str | os.PathLike,
-    logits: Sequence[float] | np.ndarray = (1, 2, 3, 4, 5),
-    temperatures: Sequence[float] = (1, 2, 5, 10, 20),
+    logits: Sequence[float] | np.ndarray,
+    probabilities_by_temperature: Mapping[float, np.ndarray],
 ) -> Path:
     """Grouped bars of ``softmax(logits / T)`` for each ``T``: how temperature softens.
 
     Args:
       path: where to write the PNG.
-      logits: ``[C]`` logits of one example.
-      temperatures: the temperatures to compare, each positive.
+      logits: ``[C]`` logits of one example (they label the x axis).
+      probabilities_by_temperature: ``{T: probs}`` with ``probs`` of shape ``[C]`` (or
+        ``[1, C]``): ``kdvae.losses.tempered_softmax(logits, temperature=T)``. Drawn in
+        increasing ``T``.
 
     Returns:
       ``Path(path)``.
     """
     logits = np.asarray(logits, dtype=np.float64).reshape(-1)
-    temperatures = [float(t) for t in temperatures]
-    if logits.size == 0 or not temperatures:
-        raise ValueError("temperature_figure needs at least one logit and one temperature")
+    temperatures, probs_TxC = _by_temperature(probabilities_by_temperature)
     num_classes = logits.size
-    probs_TxC = np.stack([_tempered_softmax(logits, t) for t in temperatures])
+    if num_classes == 0 or probs_TxC.shape[1] != num_classes:
+        raise ValueError(
+            f"temperature_figure needs one probability per logit and at least one logit; "
+            f"got {num_classes} logits and {probs_TxC.shape[1]} probabilities per temperature"
+        )
 
     fig = _new_figure((max(6.0, 0.9 * num_classes + 2.5), 4.0))
     ax = fig.add_subplot()
@@ -223,20 +231,8 @@ def dark_knowledge_figure(
     Returns:
       ``Path(path)``.
     """
-    if not probabilities_by_temperature:
-        raise ValueError("probabilities_by_temperature is empty")
-    items = sorted(
-        (float(t), np.asarray(p, dtype=np.float64)) for t, p in probabilities_by_temperature.items()
-    )
-    probs = []
-    for t, p in items:
-        p = np.squeeze(p)
-        if p.ndim != 1:
-            raise ValueError(f"probabilities at T={t:g} must have shape [C], got {p.shape}")
-        probs.append(p)
-    num_classes = probs[0].size
-    if any(p.size != num_classes for p in probs):
-        raise ValueError(f"probability vectors differ in length: {[p.size for p in probs]}")
+    temperatures, probs = _by_temperature(probabilities_by_temperature)
+    num_classes = probs.shape[1]
     names = _class_labels(num_classes, class_names)
     if true_label is not None and not 0 <= true_label < num_classes:
         raise ValueError(f"true_label must be in [0, {num_classes}), got {true_label}")
@@ -256,7 +252,7 @@ def dark_knowledge_figure(
     x = np.arange(num_classes)
     width = 0.8 / len(probs)
     colors = _colors("viridis", len(probs))
-    for k, ((t, _), p) in enumerate(zip(items, probs)):
+    for k, (t, p) in enumerate(zip(temperatures, probs)):
         ax.bar(
             x + (k - (len(probs) - 1) / 2) * width, p, width, color=colors[k], label=f"T = {t:g}"
         )

@@ -84,18 +84,14 @@ def objective(
     def loss_fn(model: nnx.Module, batch: dict, key: jax.Array, context: Any):
         binarize_key, sample_key, iwae_key = jax.random.split(key, 3)
         x = binarize(binarize_key, batch["images"], dynamic=dynamic_binarization)
-        mean, logvar = model.encode(x)
-
-        def encoder(_):
-            return mean, logvar
-
-        terms = losses.elbo(sample_key, x, encoder, model.decode, num_samples=num_samples)
+        posterior = model.encode(x)
+        terms = losses.elbo(sample_key, x, posterior, model.decode, num_samples=num_samples)
         if objective == "iwae":
-            loss = -losses.iwae_bound(iwae_key, x, encoder, model.decode, num_samples=k).mean()
+            loss = -losses.iwae_bound(iwae_key, x, posterior, model.decode, num_samples=k).mean()
         else:
             kl = terms.kl.mean()
             if free_bits:
-                per_dim = losses.gaussian_kl(mean[..., None], logvar[..., None]).mean(0)
+                per_dim = posterior.kl_to_standard_normal(per_dimension=True).mean(0)
                 kl = jnp.sum(jnp.maximum(per_dim, free_bits))
             loss = -terms.reconstruction.mean() + kl_weight(context) * kl
         metrics = {
@@ -123,16 +119,12 @@ def _bounds_fn(graphdef: nnx.GraphDef, k: int, chunk: int, batch_size: int):
 
         def one_batch(xb, index):
             elbo_key, iwae_key = jax.random.split(jax.random.fold_in(key, index))
-            mean, logvar = model.encode(xb)  # once, for both bounds and the active units
-
-            def encoder(_):
-                return mean, logvar
-
-            terms = losses.elbo(elbo_key, xb, encoder, model.decode)
+            posterior = model.encode(xb)  # once, for both bounds and the active units
+            terms = losses.elbo(elbo_key, xb, posterior, model.decode)
             iwae = losses.iwae_bound(
-                iwae_key, xb, encoder, model.decode, num_samples=k, chunk_size=chunk
+                iwae_key, xb, posterior, model.decode, num_samples=k, chunk_size=chunk
             )
-            return terms.elbo, terms.reconstruction, terms.kl, iwae, mean
+            return terms.elbo, terms.reconstruction, terms.kl, iwae, posterior.mean
 
         return train.batched_apply(one_batch, x, batch_size=batch_size, with_index=True)
 
@@ -172,7 +164,7 @@ def _elbo_fn(graphdef: nnx.GraphDef):
         model = nnx.merge(graphdef, state)
 
         def one(xb, index):
-            return losses.elbo(jax.random.fold_in(key, index), xb, model.encode, model.decode)
+            return losses.elbo(jax.random.fold_in(key, index), xb, model.encode(xb), model.decode)
 
         terms = train.batched_apply(one, x, batch_size=1000, with_index=True)
         return {
@@ -211,7 +203,7 @@ def figures(workdir: Path, best, ds: data.Dataset, x_test, means, log, seed: int
     plots.image_grid(workdir / "samples.png", np.asarray(jax.nn.sigmoid(best.decode(z))),
                      title="samples from the prior")  # fmt: skip
     originals = x_test[:16]
-    recon = jax.nn.sigmoid(best.decode(best.encode(originals)[0]))
+    recon = jax.nn.sigmoid(best.decode(best.encode(originals).mean))
     plots.reconstructions_figure(workdir / "reconstructions.png", np.asarray(originals),
                                  np.asarray(recon), n=16)  # fmt: skip
     labels = ds.test.labels[: len(means)]

@@ -171,7 +171,7 @@ def test_dropout_mask_is_jax_bernoulli_and_keeps_the_mean():
         np.testing.assert_array_equal(y != 0, keep)
         np.testing.assert_allclose(y[keep], 1 / (1 - rate), rtol=1e-6)
         assert abs(float(y.mean()) - 1.0) < 5 * np.sqrt(rate / (1 - rate) / x.size)
-    assert models.dropout(None, x, 0.5) is x
+    assert models.dropout(None, x, 0.5, inference=True) is x
     assert models.dropout(key, x, 0.0) is x
 
 
@@ -351,6 +351,7 @@ def test_a_cnn_has_one_state_and_the_same_logits_on_both_paths():
 
     (grads_cpu, cpu), (grads_std, standard) = (_on(p, logits_and_grads, model, x) for p in PATHS)
     np.testing.assert_allclose(cpu, standard, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(model(x), _on("gpu", lambda m, x: m(x), model, x), atol=1e-5)
+    evaluate = _on("gpu", lambda m, x: m(x, inference=True), model, x)
+    np.testing.assert_allclose(model(x, inference=True), evaluate, atol=1e-5)
     for ours, theirs in zip(jax.tree.leaves(grads_cpu), jax.tree.leaves(grads_std), strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)

@@ -18,7 +18,7 @@ import optax
 import pytest
 from jax.test_util import check_grads
 
-from kdvae import losses
+from kdvae import kernels, losses
 
 F32_MAX = float(np.finfo(np.float32).max)
 LOG_2PI = math.log(2.0 * math.pi)
@@ -175,6 +175,11 @@ def mlp_encoder(params):
     return encode
 
 
+def mlp_posterior(params, x):
+    """q(z | x) from the MLP encoder, as the value the bounds take."""
+    return losses.DiagonalGaussian(*mlp_encoder(params)(x))
+
+
 def mlp_decoder(params, likelihood):
     def decode(z):
         out = jnp.tanh(z @ params["dec_w"] + params["dec_b"]) @ params["dec_out"]
@@ -313,6 +318,34 @@ def test_distillation_loss_with_mask_matches_numpy():
     assert_close(fn(s, t, labels, where=mask), ref, rtol=2e-5)
 
 
+def test_tempered_softmax_in_float64_matches_hand_computation():
+    # (The figures in kdvae.plots draw these probabilities; this was plots' own test.)
+    logits = np.array([1.0, 2.0, 3.0])
+    with jax.enable_x64(True):
+        for t in (1.0, 2.0, 10.0):
+            e = np.array([math.exp(z / t) for z in logits])
+            p = jax.jit(functools.partial(losses.tempered_softmax, temperature=t))(logits)
+            assert p.dtype == jnp.float64  # float64 in, float64 out
+            np.testing.assert_allclose(p, e / e.sum(), rtol=1e-14)
+    # Hand numbers: softmax([1, 2, 3]) = [0.0900306, 0.2447285, 0.6652410].
+    np.testing.assert_allclose(
+        losses.tempered_softmax(logits), [0.09003057, 0.24472847, 0.66524096], atol=1e-7
+    )
+
+
+def test_tempered_softmax_is_stable_at_extreme_logits_and_temperatures():
+    p = jax.jit(functools.partial(losses.tempered_softmax, temperature=0.05))(
+        np.array([1e4, -1e4, 0.0], dtype=np.float32)
+    )
+    assert np.all(np.isfinite(p))
+    np.testing.assert_allclose(p, [1.0, 0.0, 0.0])
+    q = losses.tempered_softmax(np.array([[1.0, 2.0], [3.0, 3.0]]), temperature=1000.0)
+    np.testing.assert_allclose(q.sum(axis=-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(q[1], [0.5, 0.5])
+    with pytest.raises(ValueError, match="temperature"):
+        losses.tempered_softmax(np.zeros(3), temperature=0.0)
+
+
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_gaussian_kl_matches_numpy(axis):
     rng = np.random.default_rng(8)
@@ -402,6 +435,154 @@ def test_reparameterize_samples_the_right_gaussian():
     assert np.all(np.abs(z.var(0) / std**2 - 1.0) < 5 * np.sqrt(2.0 / n))
 
 
+# ------------------------------------------------------- the posterior as a value
+
+
+def test_diagonal_gaussian_matches_numpy():
+    rng = np.random.default_rng(60)
+    mean, logvar, mean_p, logvar_p = rng.normal(size=(4, 4, 3)).astype(np.float32)
+    z = (2.0 * rng.normal(size=(5, 4, 3))).astype(np.float32)  # [S, B, L]
+
+    @jax.jit
+    def everything(q, p, z):  # the values go in as pytrees
+        return {
+            "log_prob": q.log_prob(z),
+            "log_prob_one": q.log_prob(z[0]),
+            "kl": q.kl_to_standard_normal(),
+            "kl_per_dimension": q.kl_to_standard_normal(per_dimension=True),
+            "kl_q_p": q.kl(p),
+        }
+
+    q, p = losses.DiagonalGaussian(mean, logvar), losses.DiagonalGaussian(mean_p, logvar_p)
+    out = everything(q, p, z)
+    mean64, logvar64 = np.asarray(mean, np.float64), np.asarray(logvar, np.float64)
+    log_prob = np_normal_logpdf(np.asarray(z, np.float64), mean64, np.exp(logvar64)).sum(-1)
+    assert out["log_prob"].shape == (5, 4) and out["log_prob_one"].shape == (4,)
+    assert_close(out["log_prob"], log_prob)
+    assert_close(out["log_prob_one"], log_prob[0])
+    per_dimension = 0.5 * (mean64**2 + np.exp(logvar64) - 1.0 - logvar64)
+    assert out["kl_per_dimension"].shape == (4, 3)
+    assert_close(out["kl_per_dimension"], per_dimension, rtol=1e-6, atol=1e-6)
+    assert_close(out["kl"], per_dimension.sum(-1), rtol=1e-6, atol=1e-6)
+    assert_close(out["kl"], np_gaussian_kl(mean, logvar), rtol=1e-6, atol=1e-6)
+    assert_close(out["kl_q_p"], np_diagonal_gaussian_kl(mean, logvar, mean_p, logvar_p))
+    assert_close(q.kl(q), np.zeros(4), atol=1e-7)
+
+
+@pytest.mark.parametrize("num_samples", [None, 6])
+def test_diagonal_gaussian_samples_are_reparameterize_and_log_q_is_from_the_noise(num_samples):
+    rng = np.random.default_rng(61)
+    mean, logvar = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    q, key = losses.DiagonalGaussian(mean, logvar), jax.random.key(8)
+    sample = jax.jit(lambda q, key: q.sample(key, num_samples=num_samples))(q, key)
+    z, log_q = jax.jit(lambda q, key: q.sample_and_log_prob(key, num_samples=num_samples))(q, key)
+    reparameterized = jax.jit(functools.partial(losses.reparameterize, num_samples=num_samples))(
+        key, mean, logvar
+    )
+    np.testing.assert_array_equal(sample, reparameterized)  # same key, same z, bit for bit
+    np.testing.assert_array_equal(z, reparameterized)
+    shape = mean.shape if num_samples is None else (num_samples, *mean.shape)
+    assert log_q.shape == shape[:-1]
+    # log q(z) = sum log N(z; mean, var) at z = mean + std * eps, eps jax.random.normal's.
+    eps = np.asarray(jax.random.normal(key, shape), np.float64)
+    std = np.exp(0.5 * np.asarray(logvar, np.float64))
+    z64 = mean + std * eps
+    assert_close(log_q, np_normal_logpdf(z64, mean, std**2).sum(-1))
+    assert_close(log_q, q.log_prob(z), rtol=1e-5, atol=1e-5)  # agrees with log_prob
+
+
+def test_sample_and_log_prob_is_exact_where_z_minus_mean_rounds():
+    # A sharp posterior far from 0: z = 1e4 + 5e-5 * eps rounds to 1e4 in float32, so
+    # log_prob(z) sees z - mean = 0; the log-density taken from the noise does not.
+    mean = np.full((1, 4), 1e4, np.float32)
+    logvar = np.full((1, 4), -20.0, np.float32)
+    q, key = losses.DiagonalGaussian(mean, logvar), jax.random.key(2)
+    z, log_q = jax.jit(lambda q: q.sample_and_log_prob(key))(q)
+    eps = np.asarray(jax.random.normal(key, mean.shape), np.float64)
+    exact = -0.5 * np.sum(eps**2 + LOG_2PI - 20.0, -1)
+    assert_close(log_q, exact, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(z, mean)  # the sample itself is mean, to float32
+    assert abs(float(q.log_prob(z)[0]) - exact[0]) > 0.1  # what the formula in z would give
+
+
+def test_diagonal_gaussian_is_a_pytree():
+    rng = np.random.default_rng(62)
+    mean, logvar = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    q = losses.DiagonalGaussian(mean, logvar)
+    leaves = jax.tree.leaves(q)
+    assert len(leaves) == 2 and leaves[0] is q.mean and leaves[1] is q.logvar
+    doubled = jax.tree.map(lambda a: 2 * a, q)
+    assert isinstance(doubled, losses.DiagonalGaussian)
+    np.testing.assert_array_equal(doubled.mean, 2 * mean)
+    assert jax.eval_shape(lambda q: q, q).mean.shape == (4, 3)  # stand-ins pass through
+    # One example at a time (vmap over the batch) gives the batched values.
+    assert_close(
+        jax.vmap(lambda q: q.kl_to_standard_normal())(q), q.kl_to_standard_normal(), 1e-6, 1e-6
+    )
+    # Parameters below float32 are promoted, as the losses promote their inputs.
+    low = losses.DiagonalGaussian(mean.astype(jnp.bfloat16), logvar.astype(jnp.bfloat16))
+    assert low.mean.dtype == low.logvar.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_bounds_on_the_posterior_value_are_the_encoder_formulas_bit_for_bit(likelihood):
+    """What ``elbo`` and ``iwae_bound`` computed from an encoder's ``(mean, logvar)``
+    before the posterior became a value, written out here op for op: same key, same
+    numbers (and, for the ELBO, the same gradient), bit for bit."""
+    params, x = mlp_params(34), vae_data(35)
+    key = jax.random.key(9)
+
+    def log_likelihood(params, z, x):  # z [S, B, L] decoded as one flat batch, as the bounds
+        s, b, latents = z.shape
+        out = mlp_decoder(params, likelihood)(z.reshape(s * b, latents))
+        if likelihood == "bernoulli":
+            return losses.bernoulli_log_likelihood(out.reshape(s, b, -1), x)
+        return losses.gaussian_log_likelihood(out[0].reshape(s, b, -1), out[1], x)
+
+    def elbo_formula(params, x):
+        mean, logvar = mlp_encoder(params)(x)
+        z = losses.reparameterize(key, mean, logvar, num_samples=3)
+        reconstruction = jnp.mean(log_likelihood(params, z, x), 0)
+        return reconstruction - 0.5 * losses.gaussian_kl(mean, logvar)
+
+    def elbo_value(params, x):
+        kw = dict(num_samples=3, beta=0.5, likelihood=likelihood)
+        decoder = mlp_decoder(params, likelihood)
+        return losses.elbo(key, x, mlp_posterior(params, x), decoder, **kw).elbo
+
+    def iwae_formula(params, x, k=7, chunk=3):
+        mean, logvar = mlp_encoder(params)(x)
+        std = jnp.exp(0.5 * logvar)
+
+        def log_weights(chunk_index):
+            index = chunk_index * chunk + jnp.arange(chunk)
+            eps = jax.vmap(
+                lambda i: kernels.normal(jax.random.fold_in(key, i), mean.shape, mean.dtype)
+            )(index)
+            z = mean + std * eps
+            log_pz = -0.5 * jnp.sum(jnp.square(z) + LOG_2PI, axis=-1)
+            log_qz = -0.5 * jnp.sum(jnp.square(eps) + LOG_2PI + logvar, axis=-1)
+            log_w = log_likelihood(params, z, x) + log_pz - log_qz
+            return jnp.where((index < k)[:, None], log_w, -jnp.inf)
+
+        num_chunks = -(-k // chunk)
+        log_w = jax.lax.map(log_weights, jnp.arange(num_chunks)).reshape(num_chunks * chunk, -1)
+        return jax.nn.logsumexp(log_w, axis=0) - math.log(k)
+
+    def iwae_value(params, x):
+        kw = dict(num_samples=7, chunk_size=3, likelihood=likelihood)
+        decoder = mlp_decoder(params, likelihood)
+        return losses.iwae_bound(key, x, mlp_posterior(params, x), decoder, **kw)
+
+    def value_and_grad(f):
+        return jax.jit(jax.value_and_grad(lambda p, x: f(p, x).sum()))(params, x)
+
+    got, want = value_and_grad(elbo_value), value_and_grad(elbo_formula)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jax.jit(iwae_value)(params, x), jax.jit(iwae_formula)(params, x))
+
+
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 def test_elbo_matches_numpy(likelihood):
     params = mlp_params(13)
@@ -418,7 +599,7 @@ def test_elbo_matches_numpy(likelihood):
             return decoder(z)
 
         kw = dict(num_samples=4, beta=0.7, likelihood=likelihood)
-        return losses.elbo(key, x, encoder, recording_decoder, **kw), seen[0]
+        return losses.elbo(key, x, mlp_posterior(params, x), recording_decoder, **kw), seen[0]
 
     terms, z = elbo_and_samples(key, x)
     z = np.asarray(z, np.float64)
@@ -441,11 +622,8 @@ def test_iwae_bound_matches_numpy(likelihood):
     x = vae_data(16)
     key = jax.random.key(7)
     encoder, decoder = mlp_encoder(params), mlp_decoder(params, likelihood)
-    fn = jax.jit(
-        lambda key, x: losses.iwae_bound(
-            key, x, encoder, decoder, num_samples=7, chunk_size=3, likelihood=likelihood
-        )
-    )
+    kw = dict(num_samples=7, chunk_size=3, likelihood=likelihood)
+    fn = jax.jit(lambda key, x: losses.iwae_bound(key, x, mlp_posterior(params, x), decoder, **kw))
     out = fn(key, x)
     assert out.shape == (5,)
     mean, logvar = (np.asarray(a, np.float64) for a in encoder(x))
@@ -503,7 +681,16 @@ def _grad_cases():
         }
 
     def gaussians(mean, logvar, mean_p, logvar_p, x):
+        q, p = losses.DiagonalGaussian(mean, logvar), losses.DiagonalGaussian(mean_p, logvar_p)
+        z, log_q = q.sample_and_log_prob(key, num_samples=2)
         return {
+            "DiagonalGaussian.log_prob": q.log_prob(x),
+            "DiagonalGaussian.sample_and_log_prob": (z, log_q),
+            "DiagonalGaussian.kl_to_standard_normal": q.kl_to_standard_normal(),
+            "DiagonalGaussian.kl_to_standard_normal_per_dimension": q.kl_to_standard_normal(
+                per_dimension=True
+            ),
+            "DiagonalGaussian.kl": q.kl(p),
             "reparameterize": losses.reparameterize(key, mean, logvar, num_samples=2),
             "gaussian_kl": losses.gaussian_kl(mean, logvar),
             "diagonal_gaussian_kl": losses.diagonal_gaussian_kl(mean, logvar, mean_p, logvar_p),
@@ -512,13 +699,13 @@ def _grad_cases():
         }
 
     def vae_bounds(params):
-        enc = mlp_encoder(params)
+        q = mlp_posterior(params, vae_x)
         return {
-            "elbo": losses.elbo(key, vae_x, enc, mlp_decoder(params, "bernoulli")).elbo,
+            "elbo": losses.elbo(key, vae_x, q, mlp_decoder(params, "bernoulli")).elbo,
             "iwae_bound": losses.iwae_bound(
                 key,
                 vae_x,
-                enc,
+                q,
                 mlp_decoder(params, "gaussian"),
                 num_samples=5,
                 chunk_size=2,
@@ -755,8 +942,8 @@ def test_teacher_gets_zero_gradient(soft_loss):
 class LinearGaussian:
     """p(z) = N(0, I_L), p(x | z) = N(W z + b, s2 I_D), with log p(x) known exactly.
 
-    W has orthogonal columns, so the exact posterior is a diagonal Gaussian and an
-    ``elbo`` encoder can represent it.
+    W has orthogonal columns, so the exact posterior is a diagonal Gaussian, which a
+    :class:`~kdvae.losses.DiagonalGaussian` represents.
     """
 
     def __init__(self, seed=0, batch=4, x_dim=5, scales=(2.0, 1.0), s2=0.25):
@@ -774,11 +961,11 @@ class LinearGaussian:
         W32, b32 = jnp.asarray(self.W, jnp.float32), jnp.asarray(self.b, jnp.float32)
         self.decoder = lambda z: (z @ W32.T + b32, jnp.float32(math.log(s2)))
 
-    def encoder(self, mean, var, replicas=1):
-        """An encoder returning fixed (mean, logvar), repeated for ``replicas`` copies."""
+    def posterior(self, mean, var, replicas=1):
+        """``N(mean, var)`` as the bounds' posterior, repeated for ``replicas`` copies."""
         mean = jnp.asarray(np.repeat(mean, replicas, 0), jnp.float32)
         logvar = jnp.asarray(np.repeat(np.log(var), replicas, 0), jnp.float32)
-        return lambda x: (mean, logvar)
+        return losses.DiagonalGaussian(mean, logvar)
 
     def kl_to_posterior(self, mean, var):
         pm, pv = self.post_mean, self.post_var
@@ -793,17 +980,17 @@ def linear_gaussian():
     return LinearGaussian()
 
 
-def _bound(model, encoder, *, kind, num_samples, chunk_size=None):
+def _bound(model, posterior, *, kind, num_samples, chunk_size=None):
     """The jitted bound ``(key, x) -> [B]`` in float64, for a Gaussian likelihood."""
     kw = dict(num_samples=num_samples, likelihood="gaussian")
     if kind == "elbo":
-        fn = lambda key, x: losses.elbo(key, x, encoder, model.decoder, **kw).elbo  # noqa: E731
+        fn = lambda key, x, q: losses.elbo(key, x, q, model.decoder, **kw).elbo  # noqa: E731
     else:
-        fn = lambda key, x: losses.iwae_bound(  # noqa: E731
-            key, x, encoder, model.decoder, chunk_size=chunk_size, **kw
+        fn = lambda key, x, q: losses.iwae_bound(  # noqa: E731
+            key, x, q, model.decoder, chunk_size=chunk_size, **kw
         )
-    jitted = jax.jit(fn)
-    return lambda key, x: np.asarray(jitted(key, x), np.float64)
+    jitted = jax.jit(fn)  # the posterior goes in as an argument: a pytree
+    return lambda key, x: np.asarray(jitted(key, x, posterior), np.float64)
 
 
 def test_linear_gaussian_posterior_is_exact(linear_gaussian):
@@ -820,7 +1007,7 @@ def test_linear_gaussian_posterior_is_exact(linear_gaussian):
 def test_vae_bounds_are_ordered_and_iwae_rises_to_log_px(linear_gaussian):
     """E[ELBO] = E[IWAE_1] < E[IWAE_10] < E[IWAE_100] < E[IWAE_1000] <= log p(x).
 
-    The encoder is the exact posterior shifted by 1.5 standard deviations with twice the
+    The posterior q is the exact one shifted by 1.5 standard deviations with twice the
     variance: a 2.6-nat ELBO gap, with importance weights of finite variance. Every
     data point has the same gap, so the replicas of all four points are pooled; the
     bounds for different ``k`` share their first samples (``fold_in(key, i)``), so
@@ -829,7 +1016,7 @@ def test_vae_bounds_are_ordered_and_iwae_rises_to_log_px(linear_gaussian):
     m, replicas = linear_gaussian, 1000
     q_mean = m.post_mean + 1.5 * np.sqrt(m.post_var)
     q_var = 2.0 * m.post_var
-    encoder = m.encoder(q_mean, q_var, replicas)
+    q = m.posterior(q_mean, q_var, replicas)
     x = m.x_replicas(replicas)
     log_px = np.repeat(m.log_px, replicas)
     elbo_exact = np.repeat(m.log_px - m.kl_to_posterior(q_mean, q_var), replicas)
@@ -840,9 +1027,9 @@ def test_vae_bounds_are_ordered_and_iwae_rises_to_log_px(linear_gaussian):
         return a.std() / np.sqrt(a.size)
 
     key = jax.random.key(11)
-    elbo = _bound(m, encoder, kind="elbo", num_samples=1)(jax.random.key(12), x)
+    elbo = _bound(m, q, kind="elbo", num_samples=1)(jax.random.key(12), x)
     iwae = {
-        k: _bound(m, encoder, kind="iwae", num_samples=k, chunk_size=250)(key, x)
+        k: _bound(m, q, kind="iwae", num_samples=k, chunk_size=250)(key, x)
         for k in (1, 10, 100, 1000)
     }
     # The single-sample ELBO and IWAE_1 are unbiased for the analytic ELBO.
@@ -865,7 +1052,7 @@ def test_exact_posterior_makes_the_bounds_tight(linear_gaussian):
     draw. The ELBO estimator uses the analytic KL, so its single draws vary; its
     expectation is log p(x)."""
     m = linear_gaussian
-    exact = m.encoder(m.post_mean, m.post_var, replicas=1)
+    exact = m.posterior(m.post_mean, m.post_var, replicas=1)
     x = jnp.asarray(m.x, jnp.float32)
     iwae = _bound(m, exact, kind="iwae", num_samples=3)
     for seed in range(3):
@@ -874,8 +1061,8 @@ def test_exact_posterior_makes_the_bounds_tight(linear_gaussian):
     iwae_1 = _bound(m, exact, kind="iwae", num_samples=1)
     assert_close(iwae_1(jax.random.key(4), x), m.log_px, rtol=0, atol=1e-4)
     replicas = 2000
-    encoder = m.encoder(m.post_mean, m.post_var, replicas)
-    elbo = _bound(m, encoder, kind="elbo", num_samples=4)(
+    exact_replicas = m.posterior(m.post_mean, m.post_var, replicas)
+    elbo = _bound(m, exact_replicas, kind="elbo", num_samples=4)(
         jax.random.key(3), m.x_replicas(replicas)
     ).reshape(-1, replicas)
     se = elbo.std(1) / np.sqrt(replicas)
@@ -885,8 +1072,8 @@ def test_exact_posterior_makes_the_bounds_tight(linear_gaussian):
 
 def test_elbo_terms_and_beta():
     params, x = mlp_params(30), vae_data(31)
-    enc, dec = mlp_encoder(params), mlp_decoder(params, "bernoulli")
-    fn = jax.jit(lambda key, x, beta: losses.elbo(key, x, enc, dec, num_samples=3, beta=beta))
+    q, dec = mlp_posterior(params, x), mlp_decoder(params, "bernoulli")
+    fn = jax.jit(lambda key, x, beta: losses.elbo(key, x, q, dec, num_samples=3, beta=beta))
     key = jax.random.key(0)
     base = fn(key, x, 1.0)
     for beta in (0.0, 0.5, 4.0):
@@ -902,14 +1089,12 @@ def test_elbo_terms_and_beta():
 
 def test_iwae_bound_does_not_depend_on_chunk_size():
     params, x = mlp_params(32), vae_data(33)
-    enc, dec = mlp_encoder(params), mlp_decoder(params, "bernoulli")
+    q, dec = mlp_posterior(params, x), mlp_decoder(params, "bernoulli")
     key = jax.random.key(4)
 
     def bound(chunk_size):
         return jax.jit(
-            lambda key, x: losses.iwae_bound(
-                key, x, enc, dec, num_samples=12, chunk_size=chunk_size
-            )
+            lambda key, x: losses.iwae_bound(key, x, q, dec, num_samples=12, chunk_size=chunk_size)
         )
 
     all_at_once = bound(None)
@@ -1164,12 +1349,12 @@ Y = np.zeros(2, np.int32)
 KEY = jax.random.key(0)
 
 
-def _enc(x):
-    return jnp.zeros((x.shape[0], 2)), jnp.zeros((x.shape[0], 2))
-
-
-def _enc_mismatch(x):
-    return jnp.zeros((x.shape[0], 2)), jnp.zeros((x.shape[0], 3))
+def _q(batch=2, latents=2, logvar_latents=None):
+    """A posterior for ``S``'s two examples (or another ``batch``)."""
+    logvar_latents = latents if logvar_latents is None else logvar_latents
+    return losses.DiagonalGaussian(
+        np.zeros((batch, latents), np.float32), np.zeros((batch, logvar_latents), np.float32)
+    )
 
 
 def _dec(z):
@@ -1304,55 +1489,55 @@ BAD_INPUTS = [  # (call, exception, regex its message must match), id
         id="where_shape",
     ),
     pytest.param(
-        lambda: losses.elbo(KEY, S, _enc, _dec, likelihood="poisson"),
+        lambda: losses.elbo(KEY, S, _q(), _dec, likelihood="poisson"),
         ValueError,
         "likelihood",
         id="unknown_likelihood_elbo",
     ),
     pytest.param(
-        lambda: losses.iwae_bound(KEY, S, _enc, _dec, num_samples=2, likelihood="normal"),
+        lambda: losses.iwae_bound(KEY, S, _q(), _dec, num_samples=2, likelihood="normal"),
         ValueError,
         "likelihood",
         id="unknown_likelihood_iwae",
     ),
     pytest.param(
-        lambda: losses.elbo(KEY, S, _enc, _dec, num_samples=0),
+        lambda: losses.elbo(KEY, S, _q(), _dec, num_samples=0),
         ValueError,
         "num_samples",
         id="elbo_num_samples_zero",
     ),
     pytest.param(
-        lambda: losses.elbo(KEY, S, _enc, _dec, num_samples=2.0),
+        lambda: losses.elbo(KEY, S, _q(), _dec, num_samples=2.0),
         ValueError,
         "num_samples",
         id="elbo_num_samples_float",
     ),
     pytest.param(
-        lambda: losses.elbo(KEY, S, _enc, _dec, num_samples=True),
+        lambda: losses.elbo(KEY, S, _q(), _dec, num_samples=True),
         ValueError,
         "num_samples",
         id="elbo_num_samples_bool",
     ),
     pytest.param(
-        lambda: losses.iwae_bound(KEY, S, _enc, _dec, num_samples=-3),
+        lambda: losses.iwae_bound(KEY, S, _q(), _dec, num_samples=-3),
         ValueError,
         "num_samples",
         id="iwae_num_samples_negative",
     ),
     pytest.param(
-        lambda: losses.iwae_bound(KEY, S, _enc, _dec, num_samples=None),
+        lambda: losses.iwae_bound(KEY, S, _q(), _dec, num_samples=None),
         ValueError,
         "num_samples",
         id="iwae_num_samples_none",
     ),
     pytest.param(
-        lambda: losses.iwae_bound(KEY, S, _enc, _dec, num_samples=4, chunk_size=0),
+        lambda: losses.iwae_bound(KEY, S, _q(), _dec, num_samples=4, chunk_size=0),
         ValueError,
         "chunk_size",
         id="iwae_chunk_size_zero",
     ),
     pytest.param(
-        lambda: losses.iwae_bound(KEY, S, _enc, _dec, num_samples=4, chunk_size=1.5),
+        lambda: losses.iwae_bound(KEY, S, _q(), _dec, num_samples=4, chunk_size=1.5),
         ValueError,
         "chunk_size",
         id="iwae_chunk_size_float",
@@ -1376,16 +1561,70 @@ BAD_INPUTS = [  # (call, exception, regex its message must match), id
         id="gaussian_kl_shapes",
     ),
     pytest.param(
-        lambda: losses.elbo(KEY, S, _enc_mismatch, _dec),
+        lambda: losses.elbo(KEY, S, _q(logvar_latents=3), _dec),
         ValueError,
         "mean and logvar",
-        id="elbo_encoder_shapes",
+        id="elbo_posterior_shapes",
     ),
     pytest.param(
-        lambda: losses.iwae_bound(KEY, S, _enc_mismatch, _dec, num_samples=2),
+        lambda: losses.iwae_bound(KEY, S, _q(logvar_latents=3), _dec, num_samples=2),
         ValueError,
         "mean and logvar",
-        id="iwae_encoder_shapes",
+        id="iwae_posterior_shapes",
+    ),
+    pytest.param(
+        lambda: losses.elbo(KEY, S, (np.zeros((2, 2)), np.zeros((2, 2))), _dec),
+        TypeError,
+        "posterior must be a DiagonalGaussian",
+        id="elbo_posterior_tuple",
+    ),
+    pytest.param(
+        lambda: losses.iwae_bound(KEY, S, lambda x: (x, x), _dec, num_samples=2),
+        TypeError,
+        "posterior must be a DiagonalGaussian",
+        id="iwae_posterior_encoder",
+    ),
+    pytest.param(
+        lambda: losses.elbo(KEY, S, _q(batch=3), _dec),
+        ValueError,
+        "batch shape",
+        id="elbo_posterior_batch",
+    ),
+    pytest.param(
+        lambda: losses.iwae_bound(KEY, S, _q(batch=1), _dec, num_samples=2),
+        ValueError,
+        "batch shape",
+        id="iwae_posterior_batch",
+    ),
+    pytest.param(
+        lambda: losses.elbo(KEY, S, _q(), _dec, event_ndim=3),
+        ValueError,
+        "event_ndim",
+        id="elbo_event_ndim",
+    ),
+    pytest.param(
+        lambda: losses.DiagonalGaussian(np.zeros((2, 2), np.int32), S[:, :2]),
+        TypeError,
+        "mean",
+        id="diagonal_gaussian_integer_mean",
+    ),
+    pytest.param(
+        lambda: _q().log_prob(np.zeros((2, 3), np.float32)),
+        ValueError,
+        "z with shape",
+        id="diagonal_gaussian_log_prob_shape",
+    ),
+    pytest.param(
+        lambda: _q().sample(KEY, num_samples=0),
+        ValueError,
+        "num_samples",
+        id="diagonal_gaussian_num_samples",
+    ),
+    pytest.param(
+        lambda: _q().kl((np.zeros(2), np.zeros(2))),
+        TypeError,
+        "other must be a DiagonalGaussian",
+        id="diagonal_gaussian_kl_other",
     ),
     pytest.param(
         lambda: losses.diagonal_gaussian_kl(S, S, np.zeros(4, np.float32), S),

@@ -1,8 +1,11 @@
-"""Tests of kdvae.models: shapes of every preset, dropout keys, max-norm, the convolution
-layer's parameters, the VAE's log-variance bound, parameter counts. (The convolution
-and max-pool kernels are tested in test_kernels.py.)"""
+"""Tests of kdvae.models: shapes of every preset, dropout keys and the explicit
+evaluation mode, max-norm, the convolution layer's parameters, the VAE's posterior and
+log-variance bound, parameter counts. (The convolution and max-pool kernels are tested
+in test_kernels.py.)"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kdvae import models
+from kdvae import losses, models
 
 
 def _images(n: int, seed: int = 0, flat: bool = False) -> jax.Array:
@@ -46,7 +49,9 @@ def test_classifier_presets_map_images_to_logits(name):
 def test_small_classifiers_are_finite_and_take_both_layouts(config):
     model = models.make_classifier(config, rngs=nnx.Rngs(0))
     square = _images(3)
-    logits, from_flat = jax.jit(lambda m, x: (m(x), m(x.reshape(3, 784))))(model, square)
+    logits, from_flat = jax.jit(
+        lambda m, x: (m(x, inference=True), m(x.reshape(3, 784), inference=True))
+    )(model, square)
     assert logits.shape == (3, config.num_classes) and np.all(np.isfinite(logits))
     np.testing.assert_array_equal(from_flat, logits)  # the same images, the same logits
 
@@ -68,9 +73,11 @@ def test_dropout_acts_only_with_a_key_and_is_a_function_of_it(config):
     model = models.make_classifier(config, rngs=nnx.Rngs(0))
     x = _images(8)
     apply = jax.jit(lambda m, x, key: m(x, key=key))
-    evaluation = model(x)
-    np.testing.assert_array_equal(model(x), evaluation)  # no key: deterministic
-    np.testing.assert_array_equal(apply(model, x, None), evaluation)
+    evaluate = jax.jit(lambda m, x, key: m(x, key=key, inference=True))
+    evaluation = model(x, inference=True)
+    np.testing.assert_array_equal(model(x, inference=True), evaluation)  # deterministic
+    np.testing.assert_array_equal(evaluate(model, x, None), evaluation)
+    np.testing.assert_array_equal(evaluate(model, x, jax.random.key(1)), evaluation)  # ignored
     a = apply(model, x, jax.random.key(1))
     np.testing.assert_array_equal(apply(model, x, jax.random.key(1)), a)  # same key, same
     b = apply(model, x, jax.random.key(2))
@@ -83,6 +90,61 @@ def test_a_model_without_dropout_ignores_the_key():
     x = _images(4)
     with_key, without = jax.jit(lambda m, x: (m(x, key=jax.random.key(3)), m(x)))(model, x)
     np.testing.assert_array_equal(with_key, without)
+    # Rate 0 needs no key, in training as in evaluation.
+    np.testing.assert_array_equal(model(x, inference=True), without)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        models.ClassifierConfig("mlp", (16, 8), input_dropout=0.2, hidden_dropout=0.5),
+        models.ClassifierConfig("mlp", (16, 8), input_dropout=0.2),  # input dropout alone
+        models.ClassifierConfig("cnn", (4, 8), dense=16, hidden_dropout=0.5),
+    ],
+    ids=["mlp", "mlp-input-only", "cnn"],
+)
+def test_training_without_a_key_is_an_error(config):
+    model = models.make_classifier(config, rngs=nnx.Rngs(0))
+    x = _images(2)
+    for call in (lambda: model(x), lambda: jax.jit(lambda m, x: m(x))(model, x)):
+        with pytest.raises(ValueError, match=r"needs a PRNG key.*key=.*inference=True"):
+            call()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        models.ClassifierConfig("mlp", (16, 8), input_dropout=0.2, hidden_dropout=0.5),
+        models.ClassifierConfig("cnn", (4, 8), dense=16, hidden_dropout=0.5),
+    ],
+    ids=["mlp", "cnn"],
+)
+def test_inference_is_the_deterministic_network(config):
+    # The same parameters (dropout rates do not change the initialisation) without
+    # dropout layers: inference=True computes exactly that network, key or no key.
+    model = models.make_classifier(config, rngs=nnx.Rngs(0))
+    plain_config = dataclasses.replace(config, input_dropout=0.0, hidden_dropout=0.0)
+    plain = models.make_classifier(plain_config, rngs=nnx.Rngs(0))
+    x = _images(6)
+
+    @jax.jit
+    def run(model, plain, x):
+        key = jax.random.key(0)
+        return model(x, inference=True), model(x, key=key, inference=True), plain(x)
+
+    evaluation, with_key, deterministic = run(model, plain, x)
+    np.testing.assert_array_equal(evaluation, deterministic)
+    np.testing.assert_array_equal(with_key, deterministic)
+
+
+def test_dropout_function_needs_a_key_only_in_training_at_a_nonzero_rate():
+    x, key = jnp.ones((4, 5)), jax.random.key(0)
+    with pytest.raises(ValueError, match="key"):
+        models.dropout(None, x, 0.5)
+    assert models.dropout(None, x, 0.5, inference=True) is x
+    assert models.dropout(key, x, 0.5, inference=True) is x
+    assert models.dropout(None, x, 0.0) is x
+    assert not np.array_equal(models.dropout(key, x, 0.5), x)
 
 
 def _column_norms(kernel: jax.Array) -> np.ndarray:
@@ -161,8 +223,9 @@ def test_vae_presets_shapes(name):
     assert vae.latents == config.latents
     for x in (jax.ShapeDtypeStruct((3, 28, 28, 1), jnp.float32),
               jax.ShapeDtypeStruct((3, 784), jnp.float32)):  # fmt: skip
-        mean, logvar = nnx.eval_shape(lambda m, x: m.encode(x), vae, x)
-        assert mean.shape == logvar.shape == (3, config.latents)
+        posterior = nnx.eval_shape(lambda m, x: m.encode(x), vae, x)
+        assert isinstance(posterior, losses.DiagonalGaussian)
+        assert posterior.mean.shape == posterior.logvar.shape == (3, config.latents)
     for z_shape in ((3, config.latents), (4, 3, config.latents)):  # [B, L] and [k, B, L]
         z = jax.ShapeDtypeStruct(z_shape, jnp.float32)
         logits = nnx.eval_shape(lambda m, z: m.decode(z), vae, z)
@@ -175,8 +238,9 @@ def test_small_vae_runs():
 
     @jax.jit
     def run(vae, x):
-        mean, logvar = vae.encode(x)
-        return mean, logvar, vae.encode(x.reshape(3, 784))[0], vae.decode(mean)
+        posterior = vae.encode(x)
+        mean, logvar = posterior.mean, posterior.logvar
+        return mean, logvar, vae.encode(x.reshape(3, 784)).mean, vae.decode(mean)
 
     mean, logvar, mean_flat, logits = run(vae, _images(3))
     assert mean.shape == logvar.shape == (3, 3) and logits.shape == (3, 784)
@@ -193,7 +257,8 @@ def test_vae_logvar_stays_within_its_bound_for_huge_inputs():
     @jax.jit
     def run(vae, x, small):
         raw_small = vae.logvar(vae.encoder(small))  # the unbounded output
-        return *vae.encode(x), vae.encode(small)[1], raw_small
+        posterior = vae.encode(x)
+        return posterior.mean, posterior.logvar, vae.encode(small).logvar, raw_small
 
     mean, logvar, logvar_small, raw_small = run(vae, x, _images(2, flat=True) * 1e-4)
     assert np.all(np.isfinite(mean)) and np.all(np.isfinite(logvar))
@@ -202,6 +267,24 @@ def test_vae_logvar_stays_within_its_bound_for_huge_inputs():
     assert np.all(np.isfinite(np.exp(0.5 * np.asarray(logvar))))
     # Near zero the bound is the identity: b * tanh(r / b) ~ r.
     np.testing.assert_allclose(logvar_small, raw_small, rtol=1e-4, atol=1e-6)
+
+
+def test_vae_encode_returns_the_posterior_value_the_bounds_take():
+    vae = models.VAE(encoder_widths=(16,), decoder_widths=(16,), latents=3, rngs=nnx.Rngs(0))
+    x = (_images(4, flat=True) > 0.5).astype(jnp.float32)
+
+    @jax.jit
+    def run(vae, x):
+        posterior = vae.encode(x)
+        terms = losses.elbo(jax.random.key(0), x, posterior, vae.decode)
+        return posterior, terms
+
+    posterior, terms = run(vae, x)  # the value comes out of jit as it went in
+    assert isinstance(posterior, losses.DiagonalGaussian)
+    h = vae.encoder(x)
+    np.testing.assert_array_equal(posterior.mean, vae.mean(h))
+    np.testing.assert_allclose(terms.kl, posterior.kl_to_standard_normal(), rtol=1e-6)
+    assert terms.elbo.shape == (4,) and np.all(np.isfinite(terms.elbo))
 
 
 def test_vae_rejects_an_unknown_activation():

@@ -1,6 +1,9 @@
-"""Tests for kdvae.plots: each figure writes a readable PNG; the helpers compute the right thing."""
+"""Tests for kdvae.plots: each figure writes a readable PNG; the helpers compute the right thing.
 
-import math
+The probabilities a figure draws come from the library, as the examples compute them
+(``kdvae.losses.tempered_softmax``); its own tests are in test_losses.py.
+"""
+
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +13,7 @@ import pytest
 
 mpl_image = pytest.importorskip("matplotlib.image")
 
-from kdvae import plots  # noqa: E402
+from kdvae import losses, plots  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -35,29 +38,6 @@ def _digits(n, seed=0):
 # Helpers.
 
 
-def test_tempered_softmax_matches_hand_computation():
-    logits = np.array([1.0, 2.0, 3.0])
-    for t in (1.0, 2.0, 10.0):
-        e = np.array([math.exp(z / t) for z in logits])
-        np.testing.assert_allclose(plots._tempered_softmax(logits, t), e / e.sum(), rtol=1e-14)
-    # Hand numbers: softmax([1, 2, 3]) = [0.0900306, 0.2447285, 0.6652410].
-    np.testing.assert_allclose(
-        plots._tempered_softmax(logits, 1.0), [0.09003057, 0.24472847, 0.66524096], atol=1e-8
-    )
-
-
-def test_tempered_softmax_is_stable_and_float64():
-    p = plots._tempered_softmax(np.array([1e4, -1e4, 0.0], dtype=np.float32), 0.05)
-    assert p.dtype == np.float64
-    assert np.all(np.isfinite(p))
-    np.testing.assert_allclose(p, [1.0, 0.0, 0.0])
-    q = plots._tempered_softmax(np.array([[1.0, 2.0], [3.0, 3.0]]), 1000.0)
-    np.testing.assert_allclose(q.sum(axis=-1), 1.0)
-    np.testing.assert_allclose(q[1], [0.5, 0.5])
-    with pytest.raises(ValueError, match="temperature"):
-        plots._tempered_softmax(np.zeros(3), 0.0)
-
-
 def test_as_images_accepts_the_usual_shapes():
     x = _digits(3)
     for variant in (x, x.reshape(3, 784), x[..., None]):
@@ -80,17 +60,28 @@ def test_normal_quantile_grid_is_symmetric_and_right():
 # Figures.
 
 
+def _softened(logits, temperatures):
+    """``{T: softmax(logits / T)}`` from the library, as the examples compute it."""
+    return {t: np.asarray(losses.tempered_softmax(logits, temperature=t)) for t in temperatures}
+
+
 def test_temperature_figure(tmp_path):
     out = tmp_path / "temperature.png"
-    _check_png(plots.temperature_figure(out), out)
+    logits = np.arange(1.0, 6.0)
+    _check_png(plots.temperature_figure(out, logits, _softened(logits, (1, 2, 5, 10, 20))), out)
     out2 = tmp_path / "nested" / "t.png"
-    _check_png(plots.temperature_figure(str(out2), logits=[0.0, 5.0], temperatures=[0.5]), out2)
+    logits = np.array([0.0, 5.0])
+    _check_png(plots.temperature_figure(str(out2), logits, _softened(logits, [0.5])), out2)
+    with pytest.raises(ValueError, match="one probability per logit"):
+        plots.temperature_figure(tmp_path / "x.png", [1.0, 2.0, 3.0], _softened(logits, [1.0]))
+    with pytest.raises(ValueError, match="empty"):
+        plots.temperature_figure(tmp_path / "x.png", logits, {})
 
 
 def test_dark_knowledge_figure_with_and_without_image(tmp_path):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=10) * 4
-    probs = {t: plots._tempered_softmax(logits, t) for t in (10, 1, 5)}
+    probs = _softened(logits, (10, 1, 5))
     out = tmp_path / "dark.png"
     image = (rng.uniform(size=(28, 28, 1)) * 255).astype(np.uint8)
     wide = _check_png(plots.dark_knowledge_figure(out, probs, image, true_label=3), out)

@@ -49,7 +49,7 @@ def make_trainer(*, seed=0, learning_rate=1e-2, loss_fn=None, tx=None, max_norm=
 def evaluate(val):
     @jax.jit
     def accuracy(model, images, labels):
-        logits = model(kdata.to_unit_float(images))
+        logits = model(kdata.to_unit_float(images), inference=True)
         return jnp.mean(jnp.argmax(logits, -1) == labels)
 
     def evaluate(model, epoch):
@@ -360,8 +360,8 @@ def test_a_non_finite_parameter_with_a_finite_loss_is_caught(data, evaluate, tmp
             self.net = models.MLPClassifier((8,), rngs=nnx.Rngs(0))
             self.unused = nnx.Param(jnp.zeros(3))
 
-        def __call__(self, x, *, key=None):
-            return self.net(x, key=key)
+        def __call__(self, x, *, key=None, inference=False):
+            return self.net(x, key=key, inference=inference)
 
         def constrain(self):
             self.unused[...] = jnp.full(3, jnp.inf)
