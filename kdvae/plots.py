@@ -297,25 +297,7 @@ def training_curves(
     Returns:
       ``Path(path)``.
     """
-    by_stage: dict[str, list[Mapping]] = {}
-    for row in history:
-        by_stage.setdefault(str(row.get("stage", "")), []).append(row)
-    stage_order = list(by_stage) if stages is None else [str(s) for s in stages]
-
-    series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
-    for key in keys:
-        for stage in stage_order:
-            xs, ys = [], []
-            for i, row in enumerate(by_stage.get(stage, []), start=1):
-                y = _finite_number(row.get(key))
-                if y is None:
-                    continue
-                x = _finite_number(row.get("epoch"))
-                xs.append(i if x is None else x)
-                ys.append(y)
-            if xs:
-                series.setdefault(key, {})[stage] = (xs, ys)
-
+    stage_order, series = _series(history, keys, stages)
     plotted = [k for k in keys if k in series]
     # At most three panels a row, rows evenly filled (four keys make a 2 x 2 grid).
     nrows = max(1, math.ceil(len(plotted) / 3))
@@ -348,6 +330,28 @@ def training_curves(
         if any(stage for stage in series[key]):
             ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def _series(history: Sequence[Mapping], keys: Sequence[str], stages: Sequence[str] | None):
+    """The stages in drawing order and ``{key: {stage: (epochs, values)}}`` of finite values."""
+    by_stage: dict[str, list[Mapping]] = {}
+    for row in history:
+        by_stage.setdefault(str(row.get("stage", "")), []).append(row)
+    stage_order = list(by_stage) if stages is None else [str(s) for s in stages]
+    series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for key in keys:
+        for stage in stage_order:
+            xs, ys = [], []
+            for i, row in enumerate(by_stage.get(stage, []), start=1):
+                y = _finite_number(row.get(key))
+                if y is None:
+                    continue
+                x = _finite_number(row.get("epoch"))
+                xs.append(i if x is None else x)
+                ys.append(y)
+            if xs:
+                series.setdefault(key, {})[stage] = (xs, ys)
+    return stage_order, series
 
 
 def _finite_number(value) -> float | None:
@@ -482,73 +486,13 @@ def latent_scatter(
     Returns:
       ``Path(path)``.
     """
-    means = np.asarray(means, dtype=np.float64)
-    if means.ndim == 1:
-        means = means[:, None]
-    if means.ndim != 2 or means.shape[0] == 0:
-        raise ValueError(f"means must have shape [N, L] with N >= 1, got {np.shape(means)}")
-    num, latent_dim = means.shape
-    if labels is not None:
-        labels = np.asarray(labels).reshape(-1).astype(np.int64)
-        if labels.shape[0] != num:
-            raise ValueError(f"labels has {labels.shape[0]} entries, means has {num} rows")
-        if np.all(labels < 0):
-            labels = None
-
-    rng = np.random.default_rng(0)  # Only for the 1-D strip's jitter; fixed so figures repeat.
-    if latent_dim == 2:
-        xy = means
-        xlabel, ylabel = "$z_1$", "$z_2$"
-        title = "Latent means"
-    elif latent_dim > 2:
-        centred = means - means.mean(axis=0)
-        _, s, vt = np.linalg.svd(centred, full_matrices=False)
-        components = np.zeros((2, latent_dim))
-        components[: min(2, vt.shape[0])] = vt[:2]
-        xy = centred @ components.T
-        var = s**2
-        frac = var / var.sum() if var.sum() > 0 else np.zeros_like(var)
-        frac = np.pad(frac, (0, 2))
-        xlabel = f"PC 1 ({100 * frac[0]:.0f}% of variance)"
-        ylabel = f"PC 2 ({100 * frac[1]:.0f}% of variance)"
-        title = f"Latent means: PCA of {latent_dim}-D onto 2-D"
-    else:
-        rows = np.zeros(num) if labels is None else np.maximum(labels, -1).astype(np.float64)
-        xy = np.stack([means[:, 0], rows + rng.uniform(-0.3, 0.3, num)], axis=1)
-        xlabel, ylabel = "$z_1$", "class" if labels is not None else ""
-        title = "Latent means (1-D strip plot)"
-
+    means, labels = _latents_and_labels(means, labels)
+    xy, xlabel, ylabel, title = _plane(means, labels)
     fig = _new_figure((6.4, 5.2))
     ax = fig.add_subplot()
-    size = float(np.clip(300.0 / math.sqrt(num), 1.0, 30.0))  # 10 000 points: size 3.
-    kw = dict(s=size, alpha=0.6, linewidths=0)
-    if labels is None:
-        ax.scatter(xy[:, 0], xy[:, 1], color="tab:blue", **kw)
-    else:
-        unlabeled = labels < 0
-        if unlabeled.any():
-            ax.scatter(*xy[unlabeled].T, color="0.7", label="unlabeled", **kw)
-        classes = np.unique(labels[~unlabeled])
-        names = _class_labels(int(classes.max()) + 1, class_names)
-        if classes.size <= 10:
-            colors = _colors("tab10", 10)
-            for c in classes:  # Colour by label value, so a class keeps its colour.
-                ax.scatter(*xy[labels == c].T, color=colors[c % 10], label=names[c], **kw)
-            if latent_dim != 1:  # The strip plot names its rows on the y axis instead.
-                legend = ax.legend(
-                    title="label",
-                    fontsize="small",
-                    markerscale=math.sqrt(30.0 / size),
-                    loc="upper left",
-                    bbox_to_anchor=(1.01, 1.0),
-                )
-                for handle in legend.legend_handles:
-                    handle.set_alpha(1.0)
-        else:
-            sel = ~unlabeled
-            sc = ax.scatter(*xy[sel].T, c=labels[sel], cmap="viridis", **kw)
-            fig.colorbar(sc, ax=ax, label="label")
-    if latent_dim == 1:
+    size = float(np.clip(300.0 / math.sqrt(len(xy)), 1.0, 30.0))  # 10 000 points: size 3.
+    _scatter_by_label(fig, ax, xy, labels, class_names, size, legend=means.shape[1] != 1)
+    if means.shape[1] == 1:  # the strip plot names its rows on the y axis
         if labels is None:
             ax.set_yticks([])
         else:
@@ -560,6 +504,78 @@ def latent_scatter(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def _latents_and_labels(means, labels) -> tuple[np.ndarray, np.ndarray | None]:
+    """``[N, L]`` float64 means and ``[N]`` int64 labels (``None`` if absent or all -1)."""
+    means = np.asarray(means, dtype=np.float64)
+    if means.ndim == 1:
+        means = means[:, None]
+    if means.ndim != 2 or means.shape[0] == 0:
+        raise ValueError(f"means must have shape [N, L] with N >= 1, got {np.shape(means)}")
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1).astype(np.int64)
+        if labels.shape[0] != means.shape[0]:
+            raise ValueError(f"labels has {labels.shape[0]} entries, means has {len(means)} rows")
+        if np.all(labels < 0):
+            labels = None
+    return means, labels
+
+
+def _plane(means: np.ndarray, labels: np.ndarray | None):
+    """The points to draw ``[N, 2]``, the axis labels and the title: the means as they
+    are (``L == 2``), their first two principal components (``L > 2``), or a strip per
+    class (``L == 1``)."""
+    num, latent_dim = means.shape
+    if latent_dim == 2:
+        return means, "$z_1$", "$z_2$", "Latent means"
+    if latent_dim > 2:
+        centred = means - means.mean(axis=0)
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        components = np.zeros((2, latent_dim))
+        components[: min(2, vt.shape[0])] = vt[:2]
+        var = s**2
+        frac = np.pad(var / var.sum() if var.sum() > 0 else np.zeros_like(var), (0, 2))
+        return (
+            centred @ components.T,
+            f"PC 1 ({100 * frac[0]:.0f}% of variance)",
+            f"PC 2 ({100 * frac[1]:.0f}% of variance)",
+            f"Latent means: PCA of {latent_dim}-D onto 2-D",
+        )
+    rng = np.random.default_rng(0)  # only for the strip's jitter; fixed so figures repeat
+    rows = np.zeros(num) if labels is None else np.maximum(labels, -1).astype(np.float64)
+    xy = np.stack([means[:, 0], rows + rng.uniform(-0.3, 0.3, num)], axis=1)
+    return xy, "$z_1$", "class" if labels is not None else "", "Latent means (1-D strip plot)"
+
+
+def _scatter_by_label(fig, ax, xy, labels, class_names, size: float, legend: bool) -> None:
+    """Points coloured by label: unlabeled grey, up to 10 classes with a legend, more
+    with a colour bar."""
+    kw = dict(s=size, alpha=0.6, linewidths=0)
+    if labels is None:
+        ax.scatter(xy[:, 0], xy[:, 1], color="tab:blue", **kw)
+        return
+    unlabeled = labels < 0
+    if unlabeled.any():
+        ax.scatter(*xy[unlabeled].T, color="0.7", label="unlabeled", **kw)
+    classes = np.unique(labels[~unlabeled])
+    if classes.size > 10:
+        sc = ax.scatter(*xy[~unlabeled].T, c=labels[~unlabeled], cmap="viridis", **kw)
+        fig.colorbar(sc, ax=ax, label="label")
+        return
+    names, colors = _class_labels(int(classes.max()) + 1, class_names), _colors("tab10", 10)
+    for c in classes:  # colour by label value, so a class keeps its colour
+        ax.scatter(*xy[labels == c].T, color=colors[c % 10], label=names[c], **kw)
+    if legend:
+        handles = ax.legend(
+            title="label",
+            fontsize="small",
+            markerscale=math.sqrt(30.0 / size),
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+        )
+        for handle in handles.legend_handles:
+            handle.set_alpha(1.0)
 
 
 def manifold_figure(

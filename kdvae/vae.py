@@ -200,24 +200,28 @@ def figures(workdir: Path, best, ds: data.Dataset, x_test, means, log, seed: int
 
     # Figures: probabilities (sigmoid of the logits), never logits.
     z = jax.random.normal(jax.random.key(seed + 3), (64, best.latents))
-    plots.image_grid(workdir / "samples.png", np.asarray(jax.nn.sigmoid(best.decode(z))),
-                     title="samples from the prior")  # fmt: skip
+    plots.image_grid(
+        workdir / "samples.png",
+        np.asarray(jax.nn.sigmoid(best.decode(z))),
+        title="samples from the prior",
+    )
     originals = x_test[:16]
     recon = jax.nn.sigmoid(best.decode(best.encode(originals).mean))
-    plots.reconstructions_figure(workdir / "reconstructions.png", np.asarray(originals),
-                                 np.asarray(recon), n=16)  # fmt: skip
+    plots.reconstructions_figure(
+        workdir / "reconstructions.png", np.asarray(originals), np.asarray(recon), n=16
+    )
     labels = ds.test.labels[: len(means)]
-    plots.latent_scatter(workdir / "latents.png", means, labels,
-                         class_names=ds.class_names)  # fmt: skip
+    plots.latent_scatter(workdir / "latents.png", means, labels, class_names=ds.class_names)
     if best.latents == 2:
         plots.manifold_figure(
             workdir / "manifold.png",
             lambda z: np.asarray(jax.nn.sigmoid(best.decode(jnp.asarray(z)))),
         )
     plots.training_curves(
-        workdir / "training_curves.png", log.rows(),
+        workdir / "training_curves.png",
+        log.rows(),
         keys=("train_loss", "test_neg_elbo", "test_kl", "test_reconstruction"),
-    )  # fmt: skip
+    )
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -225,13 +229,15 @@ def format_table(results: dict[str, Any]) -> str:
     r = results
     rows = [
         ("test negative ELBO", f"{r['test_neg_elbo']:.2f} nats"),
-        (f"test NLL (IWAE, k={r['eval_k']}, {r['eval_examples']} images)",
-         f"{r['test_nll']:.2f} nats (negative ELBO {r['eval_neg_elbo']:.2f} on them)"),
+        (
+            f"test NLL (IWAE, k={r['eval_k']}, {r['eval_examples']} images)",
+            f"{r['test_nll']:.2f} nats (negative ELBO {r['eval_neg_elbo']:.2f} on them)",
+        ),
         ("KL(q(z|x) || p(z))", f"{r['kl']:.2f} nats"),
         ("reconstruction E_q[log p(x|z)]", f"{r['reconstruction']:.2f} nats"),
         ("active latent units", f"{r['active_units']} / {r['latents']}"),
         ("epochs (best)", f"{r['epochs']} ({r['best_epoch']})"),
         ("seconds (train, eval)", f"{r['seconds']:.1f}, {r['eval_seconds']:.1f}"),
-    ]  # fmt: skip
+    ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
