@@ -144,6 +144,17 @@ def _by_temperature(
     return [t for t, _ in items], np.stack(probs)
 
 
+def _grouped_bars(ax, temperatures: Sequence[float], probs_TxC: np.ndarray) -> np.ndarray:
+    """One group of bars per class, one bar per temperature; returns the groups' x."""
+    x = np.arange(probs_TxC.shape[1])
+    width = 0.8 / len(temperatures)
+    colors = _colors("viridis", len(temperatures))
+    for k, (t, p) in enumerate(zip(temperatures, probs_TxC)):
+        offset = (k - (len(temperatures) - 1) / 2) * width
+        ax.bar(x + offset, p, width, color=colors[k], label=f"T = {t:g}")
+    return x
+
+
 def _normal_quantile_grid(n: int, low: float = 0.05, high: float = 0.95) -> np.ndarray:
     """``n`` standard-normal quantiles at probabilities ``linspace(low, high, n)``, ascending.
 
@@ -188,17 +199,7 @@ def temperature_figure(
 
     fig = _new_figure((max(6.0, 0.9 * num_classes + 2.5), 4.0))
     ax = fig.add_subplot()
-    x = np.arange(num_classes)
-    width = 0.8 / len(temperatures)
-    colors = _colors("viridis", len(temperatures))
-    for k, (t, p) in enumerate(zip(temperatures, probs_TxC)):
-        ax.bar(
-            x + (k - (len(temperatures) - 1) / 2) * width,
-            p,
-            width,
-            color=colors[k],
-            label=f"T = {t:g}",
-        )
+    x = _grouped_bars(ax, temperatures, probs_TxC)
     ax.axhline(1.0 / num_classes, color="0.4", lw=0.8, ls="--", label="uniform")
     ax.set_xticks(x, [f"{i}\n(z = {z:g})" for i, z in enumerate(logits)])
     ax.set_xlabel("class (logit)")
@@ -249,13 +250,7 @@ def dark_knowledge_figure(
         fig = _new_figure((bar_width_in, 3.8))
         ax = fig.add_subplot()
 
-    x = np.arange(num_classes)
-    width = 0.8 / len(probs)
-    colors = _colors("viridis", len(probs))
-    for k, (t, p) in enumerate(zip(temperatures, probs)):
-        ax.bar(
-            x + (k - (len(probs) - 1) / 2) * width, p, width, color=colors[k], label=f"T = {t:g}"
-        )
+    x = _grouped_bars(ax, temperatures, probs)
     ax.set_xticks(x, names)
     if true_label is not None:
         tick = ax.get_xticklabels()[true_label]
