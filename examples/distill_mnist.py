@@ -31,7 +31,7 @@ STAGES = ("teacher", "student", "distilled")
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings(config.Common):
+class Settings(cli.Common):
     """Every setting of a run, each declared once; the defaults are the quick preset."""
 
     PRESETS = {

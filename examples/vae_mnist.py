@@ -29,7 +29,7 @@ AT_LEAST_0, AT_LEAST_1 = config.at_least(0), config.at_least(1)
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings(config.Common):
+class Settings(cli.Common):
     """Every setting of a run, each declared once."""
 
     workdir: str = setting("runs/vae", "where outputs and checkpoints go", training=False)

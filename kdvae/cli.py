@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the examples: common flags, exit codes, messages.
+"""Command-line plumbing shared by the examples: common settings, exit codes, messages.
 
 Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 3 training
 stopped on a non-finite loss or parameter (last good checkpoint kept); 130/143
@@ -8,6 +8,7 @@ interrupted by SIGINT/SIGTERM after writing a checkpoint (rerun with ``--resume`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import signal
@@ -19,6 +20,29 @@ from kdvae import config, train
 from kdvae import data as kdata
 
 EXIT_USAGE, EXIT_NONFINITE = config.EXIT_USAGE, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Common(config.Settings):
+    """The settings every example has: data, outputs, seed, resume."""
+
+    dataset: str = config.setting("mnist", ", ".join(kdata.KNOWN_DATASETS))
+    data_dir: str | None = config.setting(
+        None, "offline: a folder of the four MNIST-format IDX files", training=False
+    )
+    workdir: str = config.setting("runs/run", "where outputs and checkpoints go", training=False)
+    seed: int = config.setting(0, "the random seed of the whole run")
+    resume: bool = config.setting(False, "continue from the last checkpoint", training=False)
+    progress: bool = config.setting(True, "progress bars", training=False)
+    distributed: bool = config.setting(
+        False,
+        "multi-host: call jax.distributed.initialize() first (README, Scaling out)",
+        training=False,
+    )
+    # The validation hold-out (the last N training rows): small for tests' tiny data.
+    val_size: int = config.setting(
+        5000, "validation examples", check=config.at_least(1), hidden=True
+    )
 
 
 def setup(distributed: bool = False) -> None:

@@ -19,7 +19,7 @@ neither ranges nor presets as data, and report errors as multi-line blocks; the 
 library's ``dataclasses`` and ``argparse`` do this in the 150 lines below.
 
     @dataclasses.dataclass(frozen=True)
-    class Settings(config.Common):
+    class Settings(config.Settings):
         temperature: float = config.setting(8.0, "distillation temperature T",
                                             check=config.POSITIVE_NUMBER)
 
@@ -40,7 +40,6 @@ __all__ = [
     "POSITIVE",
     "POSITIVE_NUMBER",
     "Check",
-    "Common",
     "ConfigError",
     "Settings",
     "at_least",
@@ -163,27 +162,6 @@ class Settings:
             for f in dataclasses.fields(self)
             if f.metadata.get("training", True)
         }
-
-
-@dataclasses.dataclass(frozen=True)
-class Common(Settings):
-    """The settings every example has: data, outputs, seed, resume."""
-
-    dataset: str = setting("mnist", "mnist, fashion_mnist, kmnist, emnist/mnist or binarized_mnist")
-    data_dir: str | None = setting(
-        None, "offline: a folder of the four MNIST-format IDX files", training=False
-    )
-    workdir: str = setting("runs/run", "where outputs and checkpoints go", training=False)
-    seed: int = setting(0, "the random seed of the whole run", check=at_least(0))
-    resume: bool = setting(False, "continue from the last checkpoint", training=False)
-    progress: bool = setting(True, "progress bars", training=False)
-    distributed: bool = setting(
-        False,
-        "multi-host: call jax.distributed.initialize() first (README, Scaling out)",
-        training=False,
-    )
-    # The validation hold-out (the last N training rows): small for tests' tiny data.
-    val_size: int = setting(5000, "validation examples", check=at_least(1), hidden=True)
 
 
 def make(cls: type[Settings], **values: Any) -> Settings:

@@ -7,11 +7,11 @@ import dataclasses
 
 import pytest
 
-from kdvae import config
+from kdvae import cli, config
 
 
 @dataclasses.dataclass(frozen=True)
-class Demo(config.Common):
+class Demo(cli.Common):
     PRESETS = {"small": {}, "big": {"width": 512, "rate": 0.5}}
 
     preset: str = config.setting("small", "which preset", choices=tuple(PRESETS))
