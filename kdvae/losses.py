@@ -26,6 +26,7 @@ from jax.typing import ArrayLike
 from kdvae import kernels
 
 __all__ = [
+    "TEMPERATURE_RANGE",
     "DiagonalGaussian",
     "ELBOTerms",
     "bernoulli_log_likelihood",
@@ -55,19 +56,36 @@ def _float_array(name: str, x: ArrayLike) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+TEMPERATURE_RANGE = (1e-3, 1e4)
+"""The temperatures every tempered function accepts. Inside it, ``T**2 * KL`` and the
+scaled logits stay finite in float32 for logits up to ``+-1e4`` (tested at both ends);
+below it ``T / 2`` nears float32's smallest normal, above it ``T**2`` its largest."""
+
+
 def _check_temperature(temperature: Any) -> None:
     if isinstance(temperature, jax.core.Tracer):
         return  # A traced temperature (e.g. a schedule) cannot be checked without cost.
+    low, high = TEMPERATURE_RANGE
+    message = f"temperature must be a finite number in [{low:g}, {high:g}], got {temperature!r}."
     try:
         if isinstance(temperature, (str, bytes)):
             raise TypeError  # float("4") would accept it, and jnp would fail on it later
         value = float(temperature)
     except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"temperature must be a positive finite number, got {temperature!r}."
-        ) from err
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}.")
+        raise TypeError(message) from err
+    if not low <= value <= high:  # NaN fails too
+        raise ValueError(message)
+
+
+def _check_key(key: Any) -> None:
+    """``TypeError`` naming ``key`` unless it is a PRNG key (typed, or raw uint32 ``[2]``)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and (
+        jnp.issubdtype(dtype, jax.dtypes.prng_key)
+        or (dtype == jnp.uint32 and key.shape[-1:] == (2,))
+    ):
+        return
+    raise TypeError(f"key must be a PRNG key such as jax.random.key(0), got {key!r}.")
 
 
 def _check_alpha(alpha: Any) -> None:
@@ -206,7 +224,7 @@ def tempered_softmax(
     Example:
       >>> import jax.numpy as jnp
       >>> from kdvae.losses import tempered_softmax
-      >>> tempered_softmax(jnp.array([1.0, 2.0, 3.0]), temperature=1e6).round(3)
+      >>> tempered_softmax(jnp.array([1.0, 2.0, 3.0]), temperature=1e4).round(3)
       Array([0.333, 0.333, 0.333], dtype=float32)
 
     References:
@@ -216,12 +234,21 @@ def tempered_softmax(
 
 
 def _integer_labels(labels: jax.Array, logits_shape: tuple[int, ...], axis: int) -> jax.Array:
+    """``labels`` checked: the logits' shape less the class axis, and (when concrete, not
+    under ``jit``) every label a class index in ``[0, C)``."""
     expected = logits_shape[:axis] + logits_shape[axis + 1 :]
     if labels.shape != expected:
         raise ValueError(
             f"integer labels must have the logits' shape without the class axis, {expected}; "
             f"got {labels.shape} for logits of shape {logits_shape}."
         )
+    if not isinstance(labels, jax.core.Tracer) and labels.size:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= logits_shape[axis]:
+            raise ValueError(
+                f"labels must be class indices in [0, {logits_shape[axis]}), got labels from "
+                f"{low} to {high}."
+            )
     return labels
 
 
@@ -239,7 +266,9 @@ def tempered_cross_entropy(
         \ell(z, y) = -\sum_i y_i \log S_T(z)_i
 
     ``labels`` are either integer class indices (shape ``[...]``) or probability vectors
-    (one-hot or soft, shaped like ``logits``). Classes with zero probability contribute
+    (one-hot or soft, shaped like ``logits``). An integer label outside ``[0, C)`` is a
+    ``ValueError`` when the labels are concrete; under ``jit``, where they cannot be
+    checked, that example's loss is NaN. Classes with zero probability contribute
     exactly zero, also when their logit is ``-inf`` (``optax.softmax_cross_entropy``
     returns NaN there). At ``T = 1`` this is the ordinary softmax cross-entropy.
 
@@ -274,12 +303,14 @@ def tempered_cross_entropy(
         scaled, shift = _shifted_and_scaled(logits, temperature, axis, where)
         # The sum of exponentials lies in [1, C] (the largest term is exp(0)): no overflow.
         log_normalizer = jnp.log(jnp.sum(jnp.exp(scaled), axis=axis, keepdims=True))
-        index = jnp.expand_dims(labels, axis)
+        # Under jit labels cannot be checked: one out of [0, C) gives NaN, not a class's loss.
+        valid = (labels >= 0) & (labels < logits.shape[axis])
+        index = jnp.expand_dims(jnp.where(valid, labels, 0), axis)
         picked = jnp.take_along_axis(logits, index, axis=axis)
         if where is not None:  # a masked class has probability 0
             picked = jnp.where(jnp.take_along_axis(where, index, axis=axis), picked, -jnp.inf)
         picked = _shift_and_scale(picked, shift, temperature)
-        return jnp.squeeze(log_normalizer - picked, axis)
+        return jnp.where(valid, jnp.squeeze(log_normalizer - picked, axis), jnp.nan)
     log_p = tempered_log_softmax(logits, temperature=temperature, axis=axis, where=where)
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         raise TypeError(f"labels must be integer indices or probabilities, got {labels.dtype}.")
@@ -465,6 +496,7 @@ def _gaussian_parameters(mean: ArrayLike, logvar: ArrayLike) -> tuple[jax.Array,
 
 def _standard_normal_noise(key: jax.Array, mean: jax.Array, num_samples: Any) -> jax.Array:
     """``eps ~ N(0, I)`` shaped like ``mean``, or ``[S, *mean.shape]`` for ``S`` samples."""
+    _check_key(key)
     shape = mean.shape
     if num_samples is not None:
         if not isinstance(num_samples, int) or num_samples < 1:
@@ -939,6 +971,7 @@ def iwae_bound(
       Burda, Grosse & Salakhutdinov, *Importance Weighted Autoencoders*, 2016, eq. (8).
       https://arxiv.org/abs/1509.00519
     """
+    _check_key(key)
     _check_vae_args(likelihood, num_samples)
     chunk = num_samples if chunk_size is None else chunk_size
     _check_vae_args(likelihood, chunk, "chunk_size")

@@ -747,7 +747,8 @@ def test_every_differentiable_loss_has_its_gradient_checked():
         for fn, args in _grad_cases().values():
             out = jax.eval_shape(fn, *args)
             checked |= set(out) if isinstance(out, dict) else {fn.__name__}
-    public = set(losses.__all__) - {"ELBOTerms", "check_distillation_settings"}  # not losses
+    not_losses = {"ELBOTerms", "TEMPERATURE_RANGE", "check_distillation_settings"}
+    public = set(losses.__all__) - not_losses
     assert not {f for f in public if not any(name.startswith(f) for name in checked)}
 
 
@@ -1106,7 +1107,8 @@ def test_iwae_bound_does_not_depend_on_chunk_size():
 # ------------------------------------------------------------------ extreme inputs
 
 
-@pytest.mark.parametrize("temperature", [0.05, 1.0, 1000.0])
+# The ends of losses.TEMPERATURE_RANGE, and between.
+@pytest.mark.parametrize("temperature", [1e-3, 0.05, 1.0, 1000.0, 1e4])
 def test_extreme_logits(temperature):
     """Logits of 1e4, 1e30 and the float32 maximum: values match float64 wherever the
     tempered log-probabilities fit in float32, overflow to +inf (never NaN) where they
@@ -1153,7 +1155,7 @@ def test_extreme_logits(temperature):
         assert_close(g, closed, rtol=1e-4, atol=1e-4 * max(temperature, 1.0))
 
 
-@pytest.mark.parametrize("temperature", [0.05, 1.0, 1000.0])
+@pytest.mark.parametrize("temperature", [1e-3, 0.05, 1.0, 1000.0, 1e4])
 def test_masked_minus_inf_classes_in_student_and_teacher(temperature):
     rng, s, t, _ = logits_and_targets(40, shape=(3, 6))
     s[:, 1] = t[:, 1] = -np.inf  # masked in both
@@ -1179,9 +1181,10 @@ def test_masked_minus_inf_classes_in_student_and_teacher(temperature):
         assert_close(value, masked_value, rtol=2e-5, atol=2e-5)
         assert np.all(np.isfinite(grad))
         assert np.all(grad[:, 1] == 0.0)
-    # A student that puts -inf where the teacher has mass is infinitely wrong.
+    # A student that puts -inf where the teacher has mass (its top class: mass at any T)
+    # is infinitely wrong.
     s_bad = s.copy()
-    s_bad[0, 0] = -np.inf
+    s_bad[0, np.argmax(t[0])] = -np.inf
     value = np.asarray(jax.jit(fn)(s_bad, t))
     assert value[0] == np.inf and np.all(np.isfinite(value[1:]))
 
@@ -1597,6 +1600,24 @@ BAD_INPUTS = [  # (call, exception, regex its message must match), id
         id="iwae_posterior_batch",
     ),
     pytest.param(
+        lambda: losses.reparameterize(None, S, S),
+        TypeError,
+        "key must be a PRNG key",
+        id="key_none",
+    ),
+    pytest.param(
+        lambda: _q().sample(3, num_samples=2), TypeError, "key must be a PRNG key", id="key_int"
+    ),
+    pytest.param(
+        lambda: losses.elbo(None, S, _q(), _dec), TypeError, "key must be a PRNG key", id="elbo_key"
+    ),
+    pytest.param(
+        lambda: losses.iwae_bound(None, S, _q(), _dec, num_samples=2),
+        TypeError,
+        "key must be a PRNG key",
+        id="iwae_key",
+    ),
+    pytest.param(
         lambda: losses.elbo(KEY, S, _q(), _dec, event_ndim=3),
         ValueError,
         "event_ndim",
@@ -1657,6 +1678,40 @@ BAD_INPUTS = [  # (call, exception, regex its message must match), id
 def test_bad_input_raises_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 9e-4, 1.1e4, 1e30, 1e-45, np.inf, np.nan, -1.0])
+def test_temperatures_outside_the_documented_range_are_refused(temperature):
+    low, high = losses.TEMPERATURE_RANGE
+    for call in (
+        lambda: losses.tempered_log_softmax(S, temperature=temperature),
+        lambda: losses.tempered_cross_entropy(S, Y, temperature=temperature),
+        lambda: losses.distillation_loss(S, S, Y, temperature=temperature, alpha=0.5),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"temperature must be a finite number in \[{low:g}, {high:g}\]"
+        ):
+            call()
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 100])
+def test_integer_labels_out_of_range(bad):
+    """Concrete labels are refused; under jit that example's loss is NaN, never another
+    class's loss (NumPy-style indexing would wrap -1 to the last class)."""
+    logits = S  # [2, 3]
+    labels = np.array([1, bad], np.int32)
+    with pytest.raises(
+        ValueError, match=r"labels must be class indices in \[0, 3\), got labels from"
+    ):
+        losses.tempered_cross_entropy(logits, labels)
+    with pytest.raises(ValueError, match="labels must be class indices"):
+        losses.distillation_loss(logits, logits, labels, temperature=2.0, alpha=0.5)
+    ce = jax.jit(losses.tempered_cross_entropy)(logits, labels)
+    assert np.isnan(ce[1]) and ce[0] == losses.tempered_cross_entropy(logits[:1], labels[:1])[0]
+    kd = jax.jit(functools.partial(losses.distillation_loss, temperature=2.0, alpha=0.5))(
+        logits, logits, labels
+    )
+    assert np.isnan(kd[1]) and np.isfinite(kd[0])
 
 
 def test_checks_also_raise_under_jit():
