@@ -23,10 +23,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from kdvae import cli, config, data, distill, models, train
+from kdvae import cli, config, data, distill, losses, models, train
 from kdvae.config import setting
 
 CLASS_IDS = config.Check("class ids in 0..9", lambda ids: all(0 <= k < 10 for k in ids))
+EPOCHS, LEARNING_RATE = config.between(1, 10_000), config.positive_up_to(1.0)
+TEMPERATURE = config.between(*losses.TEMPERATURE_RANGE)
 STAGES = ("teacher", "student", "distilled")
 
 
@@ -50,23 +52,25 @@ class Settings(cli.Common):
             teacher_jitter=2,
         ),
     }
-    workdir: str = setting("runs/distill", "where outputs and checkpoints go", training=False)
+    workdir: str = setting(
+        "runs/distill", "where outputs and checkpoints go", check=config.NON_EMPTY, training=False
+    )
     preset: str = setting("quick", "quick (< 10 min on a CPU) or paper", choices=tuple(PRESETS))
     teacher: str = setting("cnn_teacher", "teacher model", choices=tuple(models.CLASSIFIER_PRESETS))
     student: str = setting(
         "hinton_student", "student model", choices=tuple(models.CLASSIFIER_PRESETS)
     )
-    teacher_epochs: int = setting(10, "the teacher's epochs", check=config.at_least(1))
-    student_epochs: int = setting(30, "each student's epochs", check=config.at_least(1))
-    temperature: float = setting(8.0, "distillation temperature T", check=config.POSITIVE_NUMBER)
+    teacher_epochs: int = setting(10, "the teacher's epochs", check=EPOCHS)
+    student_epochs: int = setting(30, "each student's epochs", check=EPOCHS)
+    temperature: float = setting(8.0, "distillation temperature T", check=TEMPERATURE)
     alpha: float = setting(
         0.5,
         "weight of the HARD-label term",
         check=config.between(0, 1, "in [0, 1] (the hard-label weight)"),
     )
     soft_loss: str = setting("kl", "soft term: KL or soft cross-entropy", choices=("kl", "ce"))
-    batch_size: int = setting(128, "global batch size", check=config.at_least(1))
-    learning_rate: float = setting(1e-3, "Adam learning rate", check=config.POSITIVE, flag="lr")
+    batch_size: int = setting(128, "global batch size", check=config.between(1, 65536))
+    learning_rate: float = setting(1e-3, "Adam learning rate", check=LEARNING_RATE, flag="lr")
     teacher_jitter: int = setting(
         0,
         "jitter the teacher's inputs by up to N pixels",
@@ -77,7 +81,7 @@ class Settings(cli.Common):
         "compute the teacher's logits once for the transfer set, or run the teacher in every step",
     )
     teacher_checkpoint: str | None = setting(
-        None, "reuse a trained teacher: <workdir>/teacher/checkpoints"
+        None, "reuse a trained teacher: <workdir>/teacher/checkpoints", check=config.NON_EMPTY
     )
     omit_classes: tuple[int, ...] = setting(
         (), "e.g. 3: remove from the transfer set", check=CLASS_IDS
@@ -88,7 +92,7 @@ class Settings(cli.Common):
     transfer_size: int | None = setting(
         None,
         "students see only the first N training images (teacher: all)",
-        check=config.at_least(1),
+        check=config.between(1, 10**7),
     )
 
     def check(self):

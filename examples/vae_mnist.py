@@ -25,31 +25,43 @@ import optax
 from kdvae import cli, config, data, models, train, vae
 from kdvae.config import setting
 
-AT_LEAST_0, AT_LEAST_1 = config.at_least(0), config.at_least(1)
+EPOCHS, LEARNING_RATE = config.between(0, 10_000), config.positive_up_to(1.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings(cli.Common):
     """Every setting of a run, each declared once."""
 
-    workdir: str = setting("runs/vae", "where outputs and checkpoints go", training=False)
+    workdir: str = setting(
+        "runs/vae", "where outputs and checkpoints go", check=config.NON_EMPTY, training=False
+    )
     preset: str = setting("flax", "the model", choices=tuple(models.VAE_PRESETS))
-    latents: int | None = setting(None, "latent size (default: the preset's)", check=AT_LEAST_1)
-    epochs: int = setting(20, "training epochs", check=AT_LEAST_1)
-    batch_size: int = setting(128, "global batch size", check=AT_LEAST_1)
-    learning_rate: float = setting(1e-3, "Adam learning rate", check=config.POSITIVE, flag="lr")
+    latents: int | None = setting(
+        None, "latent size (default: the preset's)", check=config.between(1, 4096)
+    )
+    epochs: int = setting(20, "training epochs", check=config.between(1, 10_000))
+    batch_size: int = setting(128, "global batch size", check=config.between(1, 65536))
+    learning_rate: float = setting(1e-3, "Adam learning rate", check=LEARNING_RATE, flag="lr")
     objective: str = setting("elbo", "training bound", choices=("elbo", "iwae"))
-    num_samples: int = setting(1, "z samples per example for the ELBO", check=AT_LEAST_1)
-    k: int = setting(5, "importance samples for --objective iwae", check=AT_LEAST_1)
-    beta: float = setting(1.0, "KL weight (1: the true ELBO)", check=AT_LEAST_0)
-    kl_warmup_epochs: int = setting(0, "anneal the KL weight over n epochs", check=AT_LEAST_0)
-    free_bits: float = setting(0.0, "nats per latent not penalised", check=AT_LEAST_0)
+    num_samples: int = setting(
+        1, "z samples per example for the ELBO", check=config.between(1, 1000)
+    )
+    k: int = setting(5, "importance samples for --objective iwae", check=config.between(1, 5000))
+    beta: float = setting(1.0, "KL weight (1: the true ELBO)", check=config.between(0, 1000))
+    kl_warmup_epochs: int = setting(0, "anneal the KL weight over n epochs", check=EPOCHS)
+    free_bits: float = setting(0.0, "nats per latent not penalised", check=config.between(0, 100))
     binarization: str = setting("dynamic", "of the grey levels", choices=("dynamic", "threshold"))
     eval_k: int = setting(
-        1000, "importance samples for the test NLL", check=AT_LEAST_1, training=False
+        1000,
+        "importance samples for the test NLL",
+        check=config.between(1, 100_000),
+        training=False,
     )
     eval_examples: int | None = setting(
-        None, "test images for the NLL (default: all)", check=AT_LEAST_1, training=False
+        None,
+        "test images for the NLL (default: all)",
+        check=config.between(1, 10**7),
+        training=False,
     )
 
     def check(self):

@@ -20,6 +20,7 @@ from kdvae import config, train
 from kdvae import data as kdata
 
 EXIT_USAGE, EXIT_NONFINITE = config.EXIT_USAGE, 3
+MAX_SEED = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +29,17 @@ class Common(config.Settings):
 
     dataset: str = config.setting("mnist", ", ".join(kdata.KNOWN_DATASETS))
     data_dir: str | None = config.setting(
-        None, "offline: a folder of the four MNIST-format IDX files", training=False
+        None,
+        "offline: a folder of the four MNIST-format IDX files",
+        check=config.NON_EMPTY,
+        training=False,
     )
-    workdir: str = config.setting("runs/run", "where outputs and checkpoints go", training=False)
-    seed: int = config.setting(0, "the random seed of the whole run")
+    workdir: str = config.setting(
+        "runs/run", "where outputs and checkpoints go", check=config.NON_EMPTY, training=False
+    )
+    seed: int = config.setting(
+        0, "the random seed of the whole run", check=config.between(0, MAX_SEED)
+    )
     resume: bool = config.setting(False, "continue from the last checkpoint", training=False)
     progress: bool = config.setting(True, "progress bars", training=False)
     distributed: bool = config.setting(
@@ -41,7 +49,7 @@ class Common(config.Settings):
     )
     # The validation hold-out (the last N training rows): small for tests' tiny data.
     val_size: int = config.setting(
-        5000, "validation examples", check=config.at_least(1), hidden=True
+        5000, "validation examples", check=config.between(1, 10**7), hidden=True
     )
 
 
@@ -56,13 +64,40 @@ def setup(distributed: bool = False) -> None:
     if distributed:
         import jax
 
-        env = os.environ
-        jax.distributed.initialize(
-            coordinator_address=env.get("JAX_COORDINATOR_ADDRESS"),
-            num_processes=int(env["KDVAE_NUM_PROCESSES"]) if "KDVAE_NUM_PROCESSES" in env else None,
-            process_id=int(env["KDVAE_PROCESS_ID"]) if "KDVAE_PROCESS_ID" in env else None,
-        )
+        count, index = _env_int("KDVAE_NUM_PROCESSES", 1), _env_int("KDVAE_PROCESS_ID", 0)
+        if count is not None and index is not None and not index < count:
+            raise train.ConfigError(
+                f"--distributed: KDVAE_PROCESS_ID={index} must be below "
+                f"KDVAE_NUM_PROCESSES={count}."
+            )
+        try:
+            jax.distributed.initialize(
+                coordinator_address=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                num_processes=count,
+                process_id=index,
+            )
+        except (ValueError, RuntimeError) as err:  # no cluster found, or none reachable
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise train.ConfigError(
+                f"--distributed: jax.distributed.initialize() failed ({first}); outside SLURM, "
+                "Open MPI or Cloud TPU set JAX_COORDINATOR_ADDRESS, KDVAE_NUM_PROCESSES and "
+                "KDVAE_PROCESS_ID (README, Scaling out)."
+            ) from err
     train.enable_compilation_cache()
+
+
+def _env_int(name: str, low: int) -> int | None:
+    """The environment variable ``name`` as an int ``>= low``; ``None`` when unset."""
+    text = os.environ.get(name)
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise train.ConfigError(f"--distributed: {name} must be an integer >= {low}, got {text!r}.")
+    return value
 
 
 def check_workdir(workdir: Path, stages: Sequence[str], resume: bool) -> None:

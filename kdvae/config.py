@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "POSITIVE",
+    "NON_EMPTY",
     "POSITIVE_NUMBER",
     "Check",
     "ConfigError",
@@ -45,6 +47,7 @@ __all__ = [
     "at_least",
     "between",
     "make",
+    "positive_up_to",
     "parse",
     "setting",
 ]
@@ -69,11 +72,19 @@ def at_least(low: float) -> Check:
 
 
 def between(low: float, high: float, text: str | None = None) -> Check:
-    return Check(text or f"in [{low}, {high}]", lambda v: low <= v <= high)
+    """``low <= value <= high`` (so never NaN)."""
+    shown = [f"{x:,}" if isinstance(x, int) else f"{x:g}" for x in (low, high)]
+    return Check(text or f"in [{shown[0]}, {shown[1]}]", lambda v: low <= v <= high)
+
+
+def positive_up_to(high: float) -> Check:
+    """``0 < value <= high``: a finite positive number."""
+    return Check(f"positive and at most {high:g}", lambda v: 0 < v <= high)
 
 
 POSITIVE = Check("positive", lambda v: v > 0)
 POSITIVE_NUMBER = Check("a positive number", lambda v: math.isfinite(v) and v > 0)
+NON_EMPTY = Check("a non-empty path", lambda v: bool(v.strip()))
 
 
 def setting(
@@ -179,7 +190,15 @@ def make(cls: type[Settings], **values: Any) -> Settings:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Bad flags: one line on stderr (no usage block), exit status 2."""
+    """Bad flags: one line on stderr (no usage block), exit status 2. A value may be a
+    negative number in any float syntax (``--lr -1e-3`` is a value, refused by its range,
+    not a missing argument)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(  # argparse's own: no exponents
+            r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE
+        )
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
