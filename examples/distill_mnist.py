@@ -117,7 +117,17 @@ class Run(NamedTuple):
 
     settings: Settings
     ds: data.Dataset
-    log: train.MetricsLog
+    data_id: dict  # data.fingerprint(ds): stored with every checkpoint
+    log: train.MetricsLog | None = None
+
+    def stored(self, preset: str) -> dict:
+        """What a stage's checkpoints store, and a resume must match: the settings, the
+        model and the data."""
+        model = models.CLASSIFIER_PRESETS[preset].to_dict()
+        return {**self.settings.training(), "model": model, "data": self.data_id}
+
+    def checkpoints(self, stage: str) -> Path:
+        return Path(self.settings.workdir) / stage / "checkpoints"
 
 
 def train_stage(run: Run, name: str, preset: str, loss_fn, rows: dict, context=None):
@@ -128,9 +138,8 @@ def train_stage(run: Run, name: str, preset: str, loss_fn, rows: dict, context=N
     steps = max(len(rows["labels"]) // s.batch_size, 1)
     tx = optax.adam(optax.cosine_decay_schedule(s.learning_rate, epochs * steps))
     trainer = train.Trainer(model, tx, loss_fn)
-    stored = {**s.training(), "model": models.CLASSIFIER_PRESETS[preset].to_dict()}
-    with train.Checkpointer(Path(s.workdir) / name / "checkpoints") as checkpointer:
-        stage = train.Stage(name, checkpointer, run.log, stored, s.resume, s.progress)
+    with train.Checkpointer(run.checkpoints(name)) as checkpointer:
+        stage = train.Stage(name, checkpointer, run.log, run.stored(preset), s.resume, s.progress)
         loop = train.Loop(epochs, s.batch_size, s.seed + 1000 * index)
         evaluate = distill.validation_accuracy(run.ds)
         fitted = train.fit(trainer, rows, loop, evaluate=evaluate, context=context, stage=stage)
@@ -168,20 +177,35 @@ def experiment(s: Settings, ds: data.Dataset | None = None) -> dict:
     if ds.num_classes == 0:
         raise config.ConfigError(f"{ds.name} has no labels; distillation needs labels.")
     transfer = transfer_set(ds, s)
-    for rows in (transfer, None if s.teacher_checkpoint else ds.train):
-        if rows is not None:  # every check that can fail before the first file is written
-            train.check_batch_size(s.batch_size, len(rows), train.data_mesh())
-    results, t0 = {}, time.perf_counter()
-    if s.teacher_checkpoint:
-        teacher = distill.load_teacher(
-            s.teacher_checkpoint, s.teacher, dataset=s.dataset, val_size=s.val_size
-        )
-    log = train.MetricsLog.start(Path(s.workdir) / "metrics.jsonl", resume=s.resume)
-    run = Run(s, ds, log)
+    run = Run(s, ds, data.fingerprint(ds))
+    teacher = check_before_writing(run, transfer)  # the reused teacher, if any
+    with train.claim_workdir(s.workdir, resume=s.resume) as log:
+        return train_and_report(run._replace(log=log), transfer, teacher)
 
+
+def check_before_writing(run: Run, transfer: data.Split) -> nnx.Module | None:
+    """Every check that can refuse the run, before its first file is written: batch
+    sizes, the reused teacher, and that resumed stages match these settings and data."""
+    s, mesh = run.settings, train.data_mesh()
+    train.check_batch_size(s.batch_size, len(transfer), mesh)
+    if not s.teacher_checkpoint:
+        train.check_batch_size(s.batch_size, len(run.ds.train), mesh)
+    stages = {"student": s.student, "distilled": s.student}
+    if not s.teacher_checkpoint:
+        stages["teacher"] = s.teacher
+    for name, preset in stages.items():
+        train.check_resumable(run.checkpoints(name), run.stored(preset))
+    if s.teacher_checkpoint:
+        return distill.load_teacher(s.teacher_checkpoint, s.teacher, data=run.data_id)
+    return None
+
+
+def train_and_report(run: Run, transfer: data.Split, teacher: nnx.Module | None) -> dict:
+    """The three stages, their test results and the unseen-class report; results.json."""
+    s, ds, results, t0 = run.settings, run.ds, {}, time.perf_counter()
     # 2. The teacher, on the hard labels (unless reused).
     fitted = None
-    if not s.teacher_checkpoint:
+    if teacher is None:
         objective = distill.classification_loss(jitter_pixels=s.teacher_jitter)
         rows = {"images": ds.train.images, "labels": ds.train.labels}
         teacher, fitted = train_stage(run, "teacher", s.teacher, objective, rows)
@@ -207,11 +231,12 @@ def experiment(s: Settings, ds: data.Dataset | None = None) -> dict:
             name: distill.unseen_report(model, ds, unseen)
             for name, model in (("student", student), ("distilled", distilled))
         }
-    results["config"] = s.to_dict()
+    results |= {"config": s.to_dict(), "data": run.data_id}
     results["devices"] = [str(d) for d in jax.devices()]
+    train.check_finite_results(results)
     if jax.process_index() == 0:  # one writer in a multi-host run
         train.write_json(Path(s.workdir) / "results.json", results)
-        distill.figures(Path(s.workdir), teacher, ds, log)
+        distill.figures(Path(s.workdir), teacher, ds, run.log)
     return results
 
 

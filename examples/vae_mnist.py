@@ -83,6 +83,11 @@ class Settings(cli.Common):
         return preset if self.latents is None else dataclasses.replace(preset, latents=self.latents)
 
 
+def stored(s: Settings, ds: data.Dataset) -> dict:
+    """What the checkpoints store, and a resume must match: settings, model and data."""
+    return {**s.training(), "model": s.model_config().to_dict(), "data": data.fingerprint(ds)}
+
+
 def fit(s: Settings, ds: data.Dataset, log: train.MetricsLog, x_eval: dict):
     """The VAE trained on ``ds.train``: the model at its best validation epoch, and the fit."""
     model = models.build(
@@ -101,7 +106,6 @@ def fit(s: Settings, ds: data.Dataset, log: train.MetricsLog, x_eval: dict):
     )
     trainer = train.Trainer(model, tx, objective)
     select = ("val_neg_elbo", "min") if len(ds.val) else ("test_neg_elbo", "min")
-    stored = {**s.training(), "model": s.model_config().to_dict()}
     with train.Checkpointer(Path(s.workdir) / "vae" / "checkpoints") as checkpointer:
         fitted = train.fit(
             trainer,
@@ -109,17 +113,24 @@ def fit(s: Settings, ds: data.Dataset, log: train.MetricsLog, x_eval: dict):
             train.Loop(s.epochs, s.batch_size, s.seed, select),
             evaluate=vae.negative_elbo(x_eval, jax.random.key(s.seed + 7)),
             context=lambda epoch: {"epoch": jnp.int32(epoch)},
-            stage=train.Stage("vae", checkpointer, log, stored, s.resume, s.progress),
+            stage=train.Stage("vae", checkpointer, log, stored(s, ds), s.resume, s.progress),
         )
     return trainer.best_model(fitted), fitted
 
 
 def experiment(s: Settings, ds: data.Dataset | None = None) -> dict:
     """Train, evaluate, report: the results (also in results.json) and figures."""
-    # 1. Data: the evaluation splits binarized once, with seeded samples.
+    # 1. Data: the evaluation splits binarized once, with seeded samples. Every check
+    # that can refuse the run comes before its first file is written.
     ds = ds or data.load_dataset(s.dataset, data_dir=s.data_dir, val_size=s.val_size)
-    train.check_batch_size(s.batch_size, len(ds.train), train.data_mesh())  # nothing written yet
-    log = train.MetricsLog.start(Path(s.workdir) / "metrics.jsonl", resume=s.resume)
+    train.check_batch_size(s.batch_size, len(ds.train), train.data_mesh())
+    train.check_resumable(Path(s.workdir) / "vae" / "checkpoints", stored(s, ds))
+    with train.claim_workdir(s.workdir, resume=s.resume) as log:
+        return train_and_report(s, ds, log)
+
+
+def train_and_report(s: Settings, ds: data.Dataset, log: train.MetricsLog) -> dict:
+    """Training, the final evaluation, results.json and the figures."""
     dynamic = s.binarization == "dynamic"
     x_eval = {
         "val": vae.fixed_binarization(ds.val.images, s.seed + 1, dynamic),
@@ -151,10 +162,12 @@ def experiment(s: Settings, ds: data.Dataset | None = None) -> dict:
         "seconds": round(fitted.seconds, 1),
         "eval_seconds": round(time.perf_counter() - t0, 1),
         "config": s.to_dict(),
+        "data": data.fingerprint(ds),
         "devices": [str(d) for d in jax.devices()],
     }
 
     # 4. Report.
+    train.check_finite_results(results)
     if jax.process_index() == 0:  # one writer in a multi-host run
         train.write_json(Path(s.workdir) / "results.json", results)
         vae.figures(Path(s.workdir), best, ds, x_eval["test"], bounds["means"], log, s.seed)

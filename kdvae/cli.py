@@ -1,8 +1,14 @@
 """Command-line plumbing shared by the examples: common settings, exit codes, messages.
 
-Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 3 training
-stopped on a non-finite loss or parameter (last good checkpoint kept); 130/143
-interrupted by SIGINT/SIGTERM after writing a checkpoint (rerun with ``--resume``).
+Exit status (each failure is one line on stderr, and a checkpoint once written is kept):
+
+* 0: done;
+* 2: bad input: a setting, the data, the workdir (in use by another run, or holding
+  checkpoints of other settings or data), a teacher checkpoint; nothing was written;
+* 3: a loss, parameter or result became NaN or infinite;
+* 4: a file could not be written (disk full, no permission);
+* 5: out of memory;
+* 130 / 143: interrupted by SIGINT / SIGTERM, after a checkpoint (rerun with ``--resume``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 from kdvae import config, train
 from kdvae import data as kdata
 
-EXIT_USAGE, EXIT_NONFINITE = config.EXIT_USAGE, 3
+EXIT_USAGE, EXIT_NONFINITE, EXIT_WRITE, EXIT_MEMORY = config.EXIT_USAGE, 3, 4, 5
 MAX_SEED = 2**31 - 1
 
 
@@ -114,6 +120,12 @@ def check_workdir(workdir: Path, stages: Sequence[str], resume: bool) -> None:
         )
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise train.ConfigError(f"--workdir {workdir} is not writable ({ancestor}).")
+    used_any = any(
+        (workdir / s / "checkpoints").is_dir() and any((workdir / s / "checkpoints").iterdir())
+        for s in stages
+    )
+    if resume and not used_any:
+        train.notice(f"--resume: {workdir} holds no checkpoint yet; starting afresh.")
     if not resume:
         used = [
             s
@@ -135,6 +147,15 @@ def _interrupt_now(signum, frame):
     )
 
 
+def _one_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def _out_of_memory(err: Exception) -> bool:
+    """A host allocation failure, or XLA's (``RESOURCE_EXHAUSTED``) on any device."""
+    return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)
+
+
 @contextlib.contextmanager
 def errors_exit() -> Iterator[None]:
     """Turn the expected failures into one line on stderr and an exit status.
@@ -153,6 +174,21 @@ def errors_exit() -> Iterator[None]:
     except train.NonFiniteError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(EXIT_NONFINITE)
+    except (train.WriteError, OSError) as err:
+        print(
+            f"{prog}: error: {_one_line(err)}; the checkpoints written before are kept.",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_WRITE)
+    except Exception as err:
+        if not _out_of_memory(err):
+            raise
+        print(
+            f"{prog}: error: out of memory ({_one_line(err)}); lower --batch-size or the "
+            "settings that size a step. The checkpoints written before are kept.",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_MEMORY)
     except train.Interrupted as err:
         command = shlex.join([sys.executable, *sys.argv])
         if "--resume" not in sys.argv:

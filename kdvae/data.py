@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import math
 import os
 import zlib
@@ -38,6 +39,7 @@ __all__ = [
     "Split",
     "binarize",
     "filter_classes",
+    "fingerprint",
     "jitter",
     "load_dataset",
     "load_idx_folder",
@@ -310,15 +312,33 @@ def load_dataset(
             )
     if not 0 <= val_size < len(train):
         raise DataError(
-            f"val_size must be in [0, {len(train)}) for {name} ({len(train)} training "
-            f"examples), got {val_size}"
+            f"the validation split (val_size, --val-size) must be in [0, {len(train)}) for "
+            f"{name} ({len(train)} training examples), got {val_size}"
         )
     cut = len(train) - val_size  # Slices, so train and val are views, not copies.
     train, val = (
         Split(train.images[rows], train.labels[rows])
         for rows in (slice(None, cut), slice(cut, None))
     )
+    if len(test) == 0:
+        raise DataError(
+            f"the test split of {name} is empty ({data_dir or 'TFDS'}): nothing to report"
+        )
     return Dataset(name, train, val, test, len(class_names), class_names)
+
+
+def fingerprint(ds: Dataset) -> dict:
+    """What identifies ``ds``: its name, the rows of each split and a sha256 of every image
+    and label, in order (stored with checkpoints, so a run resumes on the same data)."""
+    digest = hashlib.sha256()
+    for split in (ds.train, ds.val, ds.test):
+        digest.update(np.ascontiguousarray(split.images).data)
+        digest.update(np.ascontiguousarray(split.labels).data)
+    return {
+        "name": ds.name,
+        "rows": {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test)},
+        "sha256": digest.hexdigest(),
+    }
 
 
 def _load_tfds(name: str, splits: tuple[str, ...], data_dir: str | None) -> list[Split]:

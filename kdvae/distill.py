@@ -108,24 +108,37 @@ def make_classifier(preset: str, seed: int, stage: int) -> nnx.Module:
     return models.build(lambda rngs: models.make_classifier(config, rngs=rngs), key)
 
 
-def load_teacher(
-    path: str | Path, preset: str, *, dataset: str | None = None, val_size: int | None = None
-) -> nnx.Module:
+def load_teacher(path: str | Path, preset: str, *, data: dict | None = None) -> nnx.Module:
     """The best model of a finished teacher stage's checkpoints at ``path``.
 
-    Raises ``train.ConfigError`` when the checkpoint's architecture differs from
-    ``preset``'s, when its training did not finish, or when it was trained on another
-    dataset or validation split (its soft targets would leak validation labels);
+    Raises ``train.ConfigError`` when the newest checkpoint is not intact, when the
+    checkpoint's architecture differs from ``preset``'s, when its training did not
+    finish, or when it was trained on other data than ``data`` (a
+    :func:`kdvae.data.fingerprint`: its soft targets would leak validation labels);
     ``FileNotFoundError`` when there is no checkpoint.
     """
     # As the checkpoint's JSON holds it: the widths tuple comes back as a list.
     expected = json.loads(json.dumps(models.CLASSIFIER_PRESETS[preset].to_dict()))
-    meta = None
-    if Path(path).is_dir():
-        with train.Checkpointer(path, read_only=True) as checkpointer:
-            meta = checkpointer.read_meta()
-    if meta is None:
+    if not Path(path).is_dir():
         raise FileNotFoundError(f"--teacher-checkpoint: no checkpoint found at {path}")
+    with train.Checkpointer(path, read_only=True) as checkpointer:
+        newest = checkpointer.latest_step()
+        newer_damaged = {k: v for k, v in checkpointer.damaged.items() if k > (newest or -1)}
+        if newer_damaged:
+            step, reason = max(newer_damaged.items())
+            raise train.ConfigError(
+                f"--teacher-checkpoint {path}: its newest checkpoint (step {step}) is not "
+                f"intact ({reason}); retrain the teacher or pass another checkpoint."
+            )
+        if newest is None:
+            raise FileNotFoundError(f"--teacher-checkpoint: no checkpoint found at {path}")
+        _check_teacher_meta(path, preset, checkpointer.read_meta(), expected, data)
+        graphdef, state = nnx.split(make_classifier(preset, 0, 0))
+        restored, _ = checkpointer.restore({"best": state})
+    return nnx.merge(graphdef, restored["best"])
+
+
+def _check_teacher_meta(path, preset: str, meta: dict, expected: dict, data: dict | None):
     saved = meta.get("config", {})
     if saved.get("model") != expected:
         raise train.ConfigError(
@@ -137,14 +150,13 @@ def load_teacher(
             f"--teacher-checkpoint {path} is from an unfinished run (epoch {meta.get('epoch')}); "
             "finish it with --resume first."
         )
-    for key, value in (("dataset", dataset), ("val_size", val_size)):
-        if value is not None and key in saved and saved[key] != value:
-            raise train.ConfigError(
-                f"--teacher-checkpoint {path} was trained with {key}={saved[key]!r}, this run "
-                f"has {key}={value!r}."
-            )
-    model, _ = train.load_best_model(path, make_classifier(preset, 0, 0))
-    return model
+    if data is not None and saved.get("data") != data:
+        found = saved.get("data") or {}
+        raise train.ConfigError(
+            f"--teacher-checkpoint {path} was trained on other data ({found.get('name')}, rows "
+            f"{found.get('rows')}, sha256 {str(found.get('sha256'))[:12]}) than this run's "
+            f"({data['name']}, rows {data['rows']}, sha256 {data['sha256'][:12]})."
+        )
 
 
 # ------------------------------------------------------------------------ evaluation

@@ -39,10 +39,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
+import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -68,6 +71,11 @@ __all__ = [
     "NonFiniteError",
     "Stage",
     "Trainer",
+    "WorkdirBusy",
+    "WriteError",
+    "check_finite_results",
+    "check_resumable",
+    "claim_workdir",
     "batched_apply",
     "data_mesh",
     "enable_compilation_cache",
@@ -94,6 +102,22 @@ class Interrupted(BaseException):
     def __init__(self, message: str, signal: str = "SIGINT"):
         super().__init__(message)
         self.signal = signal
+
+
+class WriteError(RuntimeError):
+    """A file could not be written (disk full, no permission); says what and where.
+
+    ``reason`` is the underlying error in one line. Whatever was saved before is kept.
+    """
+
+    def __init__(self, what: str, err: BaseException):
+        reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [""])[0]
+        super().__init__(f"{what}: {reason[:200] or type(err).__name__}")
+
+
+def notice(message: str) -> None:
+    """One line on stderr that the run goes on despite something the user should know."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 class ConfigMismatchError(ConfigError):
@@ -290,13 +314,51 @@ def _unflatten_like(template: Mapping, flat: Mapping[str, Any]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [flat[_path_name(path)] for path, _ in paths])
 
 
+_FINGERPRINT = "kdvae_fingerprint.json"
+
+
+def _file_hashes(step_dir: Path) -> dict[str, str]:
+    """sha256 of every file under ``step_dir`` (relative path -> hex), its fingerprint aside."""
+    return {
+        str(path.relative_to(step_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(step_dir.rglob("*"))
+        if path.is_file() and path.name != _FINGERPRINT
+    }
+
+
+def _damage(step_dir: Path) -> str | None:
+    """Why the checkpoint in ``step_dir`` cannot be trusted, or ``None`` if it is whole."""
+    try:
+        expected = json.loads((step_dir / _FINGERPRINT).read_text())["files"]
+    except FileNotFoundError:
+        return "no fingerprint (an unfinished save, or an older kdvae's)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its fingerprint is unreadable"
+    found = _file_hashes(step_dir)
+    for name in sorted(set(expected) | set(found)):
+        if name not in found:
+            return f"{name} is missing"
+        if name not in expected:
+            return f"{name} was not part of it"
+        if found[name] != expected[name]:
+            return f"{name} has changed"
+    return None
+
+
 class Checkpointer:
-    """Atomic orbax checkpoints of one training stage, in ``directory``.
+    """Atomic, fingerprinted orbax checkpoints of one training stage, in ``directory``.
 
     Each checkpoint holds ``state`` (model + optimizer), ``best`` (the model at the best
     validation score so far) and ``meta`` (JSON: position, history, config). Orbax
     writes to a temporary folder and renames it when complete, so a crash mid-write
-    leaves the previous checkpoint intact; the two newest are kept.
+    leaves the previous checkpoint intact; the two newest are kept. Then the sha256 of
+    every file is written beside them, last (``kdvae_fingerprint.json``).
+
+    On opening, a step whose files do not match their fingerprint (damaged, incomplete,
+    or saved without one) is reported on stderr in one line and set aside as
+    ``<step>.damaged-<time>`` (silently left in place when ``read_only``);
+    :meth:`latest_step` is the newest intact step, and :attr:`damaged` says what was
+    wrong with the others.
     """
 
     def __init__(self, directory: str | os.PathLike, *, read_only: bool = False):
@@ -304,6 +366,7 @@ class Checkpointer:
 
         self._ocp = ocp
         self.directory = Path(directory).absolute()
+        self.damaged = self._set_aside_damaged(read_only)
         # Orbax logs a warning per read-only setting it adjusts; nothing for a user to do.
         absl_logger = logging.getLogger("absl")
         level = absl_logger.level
@@ -322,22 +385,55 @@ class Checkpointer:
         finally:
             absl_logger.setLevel(level)
 
+    def _step_dirs(self) -> dict[int, Path]:
+        if not self.directory.is_dir():
+            return {}
+        return {int(p.name): p for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir()}
+
+    def _set_aside_damaged(self, read_only: bool) -> dict[int, str]:
+        damaged = {}
+        for step, path in sorted(self._step_dirs().items()):
+            reason = _damage(path)
+            if reason is None:
+                continue
+            damaged[step] = reason
+            if read_only or jax.process_index():  # the caller decides what to say
+                continue
+            aside = path.with_name(f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.rename(aside)
+            notice(
+                f"checkpoint step {step} in {self.directory} is not intact: {reason}; "
+                f"moved to {aside.name}."
+            )
+        return damaged
+
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The newest intact step, or ``None``."""
+        steps = [s for s in self._step_dirs() if s not in self.damaged]
+        return max(steps, default=None)
 
     def save(self, step: int, state: nnx.State, best: nnx.State, meta: dict) -> None:
+        """Write checkpoint ``step``, then its fingerprint. ``WriteError`` if it fails."""
         args = self._ocp.args
-        if step in self.manager.all_steps():
-            self.manager.delete(step)  # a replayed step (resume): same contents
-        self.manager.save(
-            step,
-            args=args.Composite(
-                state=args.StandardSave(_flatten(nnx.to_pure_dict(state))),
-                best=args.StandardSave(_flatten(nnx.to_pure_dict(best))),
-                meta=args.JsonSave(meta),
-            ),
-        )
-        self.manager.wait_until_finished()
+        try:
+            if step in self.manager.all_steps():
+                self.manager.delete(step)  # a replayed step (resume): same contents
+            self.manager.save(
+                step,
+                args=args.Composite(
+                    state=args.StandardSave(_flatten(nnx.to_pure_dict(state))),
+                    best=args.StandardSave(_flatten(nnx.to_pure_dict(best))),
+                    meta=args.JsonSave(meta),
+                ),
+            )
+            self.manager.wait_until_finished()
+            if jax.process_index() == 0:
+                step_dir = self.directory / str(step)
+                write_json(step_dir / _FINGERPRINT, {"step": step, "files": _file_hashes(step_dir)})
+        except Exception as err:  # disk full, no permission, ...; signals pass (BaseException)
+            raise WriteError(
+                f"could not save checkpoint step {step} to {self.directory}", err
+            ) from err
 
     def read_meta(self, step: int | None = None) -> dict | None:
         step = self.latest_step() if step is None else step
@@ -416,8 +512,11 @@ class MetricsLog:
     def append(self, row: dict) -> None:
         if jax.process_index() != 0:  # one writer in a multi-host run
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as err:
+            raise WriteError(f"could not append to {self.path}", err) from err
 
     def truncate(self, stage: str, after_epoch: int) -> None:
         """Drop rows of ``stage`` past ``after_epoch`` (written after the last checkpoint)."""
@@ -425,16 +524,106 @@ class MetricsLog:
             return
         rows = [r for r in self.rows() if r.get("stage") != stage or r["epoch"] <= after_epoch]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(self.path)
+        try:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.replace(self.path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise WriteError(f"could not rewrite {self.path}", err) from err
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (a temporary file renamed into place)."""
+    """Write ``obj`` as JSON atomically (a temporary file renamed into place).
+
+    Raises ``WriteError`` naming the file when it cannot be written; the old one stays.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2))
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"could not write {path}", err) from err
+
+
+class WorkdirBusy(ConfigError):
+    """Another live process holds the workdir."""
+
+
+class _WorkdirLock:
+    """An advisory lock on ``<workdir>/.lock`` (``flock``): the kernel drops it when the
+    process ends, however it ends, so a crash leaves no stale lock. The file holds the
+    holder's process id, host and start time, for the message of the next run."""
+
+    def __init__(self, workdir: Path):
+        import fcntl
+        import socket
+
+        self.file = (workdir / ".lock").open("a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise WorkdirBusy(
+                f"--workdir {workdir} is in use by {holder}; wait for that run to end, or "
+                "choose another --workdir."
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.file.write(f"process {os.getpid()} on {socket.gethostname()} (started {started})")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()  # closing the last descriptor releases the flock
+
+
+@contextlib.contextmanager
+def claim_workdir(workdir: str | os.PathLike, *, resume: bool) -> Iterator[MetricsLog]:
+    """Hold ``workdir`` for this run: create it, lock it against other runs, and start
+    its metrics log (emptied unless ``resume``); the lock goes with the block.
+
+    Raises ``WorkdirBusy`` naming the process that holds it. Call it just before the
+    first write: everything that can be refused is checked before.
+    """
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        lock = _WorkdirLock(workdir) if jax.process_index() == 0 else None
+    except OSError as err:
+        raise WriteError(f"could not create --workdir {workdir}", err) from err
+    try:
+        yield MetricsLog.start(workdir / "metrics.jsonl", resume=resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def check_resumable(directory: str | os.PathLike, config: Mapping[str, Any]) -> None:
+    """``ConfigMismatchError`` if the newest intact checkpoint in ``directory`` was written
+    with another ``config``; nothing if there is none. Reads only: for checks that must
+    come before the first write."""
+    if not Path(directory).is_dir():
+        return
+    with Checkpointer(directory, read_only=True) as checkpointer:
+        meta = checkpointer.read_meta()
+    if meta is not None:
+        _check_config(meta.get("config", {}), _as_stored(config), Path(directory))
+
+
+def check_finite_results(results: Mapping[str, Any], where: str = "results") -> None:
+    """``NonFiniteError`` naming the first NaN or infinite number in ``results``."""
+    for key, value in results.items():
+        if isinstance(value, Mapping):
+            check_finite_results(value, f"{where}.{key}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise NonFiniteError(
+                f"the evaluation gave {where}.{key} = {value}; results.json was not written "
+                "(the checkpoints are kept)."
+            )
 
 
 class _StopFlag:
@@ -600,8 +789,8 @@ class _Watch:
         if bad.size:
             raise NonFiniteError(
                 f"{self.stage.name}: the loss became {values[bad[0]]} at epoch {epoch + 1}, "
-                f"step {step - len(window) + bad[0] + 1}; stopped without saving (the last "
-                "good checkpoint is kept)."
+                f"step {step - len(window) + bad[0] + 1}; stopped without saving "
+                f"({_what_is_kept(self.stage)})."
             )
         if self.bar is not None:
             now = time.perf_counter()
@@ -642,11 +831,17 @@ def run_epoch(trainer: Trainer, data, epochs: _Epochs, state: LoopState, ctx, wa
     state.sums = {k: float(v) for k, v in sums.items()}
 
 
+def _what_is_kept(stage: Stage) -> str:
+    if stage.checkpointer is not None and stage.checkpointer.latest_step() is not None:
+        return "the last good checkpoint is kept"
+    return "no checkpoint of this stage had been written yet"
+
+
 def _check_parameters(trainer: Trainer, stage: Stage, epoch: int) -> None:
     if not bool(_all_finite(trainer.state)):
         raise NonFiniteError(
             f"{stage.name}: a parameter became non-finite in epoch {epoch + 1}; "
-            "stopped without saving (the last good checkpoint is kept)."
+            f"stopped without saving ({_what_is_kept(stage)})."
         )
 
 
@@ -684,6 +879,12 @@ def _start(trainer: Trainer, stage: Stage, names: Sequence[str]) -> LoopState:
     best = jax.tree.map(jnp.copy, trainer.model_state())  # the step donates the state
     state = LoopState(best_state=best, sums=dict.fromkeys(names, 0.0))
     ckpt = stage.checkpointer
+    if ckpt is not None and stage.resume and ckpt.latest_step() is None and ckpt.damaged:
+        raise ConfigError(
+            f"cannot resume from {ckpt.directory}: no intact checkpoint (step "
+            + ", step ".join(f"{k}: {v}" for k, v in sorted(ckpt.damaged.items()))
+            + "). Start afresh with another --workdir."
+        )
     if ckpt is not None and stage.resume and ckpt.latest_step() is not None:
         _check_config(ckpt.read_meta().get("config", {}), stage.config, ckpt.directory)
         restored, meta = ckpt.restore({"state": trainer.state, "best": best})
@@ -721,7 +922,8 @@ def fit(
       Interrupted: SIGINT/SIGTERM; the current position was checkpointed first.
       ConfigMismatchError: ``resume`` found a checkpoint of another configuration.
     """
-    stage = dataclasses.replace(stage or Stage(), config=_as_stored(stage))
+    stage = stage or Stage()
+    stage = dataclasses.replace(stage, config=_as_stored(stage.config))
     epochs = _Epochs(loop, len(next(iter(data.values()))), trainer.mesh)
     data = replicate(dict(data), trainer.mesh)
     context = context or (lambda epoch: None)
@@ -740,9 +942,9 @@ def fit(
     return state
 
 
-def _as_stored(stage: Stage | None) -> dict:
-    """The stage's config as a checkpoint stores it (JSON: tuples become lists)."""
-    return json.loads(json.dumps(dict(stage.config if stage else {})))
+def _as_stored(config: Mapping[str, Any] | None) -> dict:
+    """``config`` as a checkpoint stores it (JSON: tuples become lists)."""
+    return json.loads(json.dumps(dict(config or {})))
 
 
 def _train_one_epoch(trainer, data, epochs: _Epochs, state: LoopState, context, watch, evaluate):

@@ -277,7 +277,7 @@ def test_missing_files_are_all_named(tmp_path):
 def test_bad_val_size(idx_folder, val_size):
     with pytest.raises(DataError) as excinfo:
         load_dataset("mnist", data_dir=idx_folder, val_size=val_size)
-    assert f"val_size must be in [0, {N_TRAIN})" in error_message(excinfo)
+    assert f"(val_size, --val-size) must be in [0, {N_TRAIN})" in error_message(excinfo)
 
 
 def test_unknown_dataset_lists_the_known_ones(idx_folder):
