@@ -928,6 +928,7 @@ def fit(
     data = replicate(dict(data), trainer.mesh)
     context = context or (lambda epoch: None)
     state = _start(trainer, stage, trainer.metric_names(data, context(0)))
+    _check_memory(trainer, data, epochs, state, replicate(context(state.epoch), trainer.mesh))
     with stop_on_signals() as stop:
         watch = _Watch(stage, loop, epochs, state, stop)
         try:
@@ -940,6 +941,43 @@ def fit(
         state.best_epoch = loop.epochs
         state.best_metrics = state.history[-1] if state.history else {}
     return state
+
+
+def _free_bytes(device) -> int | None:
+    """Memory a new allocation can take on ``device``: the host's available memory for a
+    CPU, the allocator's headroom for an accelerator; ``None`` when unknown."""
+    if device.platform == "cpu":
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        return None
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def _check_memory(trainer: Trainer, data, epochs: _Epochs, state: LoopState, ctx) -> None:
+    """``ConfigError`` before training when the compiled step needs more memory than the
+    device has free (XLA's own count: arguments, outputs and temporaries)."""
+    sums = trainer.metric_sums(state.sums)
+    args = (trainer.state, sums, data, epochs.order(0), jnp.int32(0), epochs.key(0), ctx)
+    stats = trainer.step.lower(*args).compile().memory_analysis()
+    device = trainer.mesh.devices.flat[0]
+    free = _free_bytes(device)
+    if stats is None or free is None:
+        return
+    need = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+    need -= stats.alias_size_in_bytes  # donated buffers are reused
+    if device.platform == "cpu":  # every CPU device shares the host's memory
+        need *= len(jax.local_devices())
+    if need > free:
+        raise ConfigError(
+            f"a training step needs {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} "
+            f"GiB free on {device}; lower the batch size, or the sizes of the model or the "
+            "samples per example."
+        )
 
 
 def _as_stored(config: Mapping[str, Any] | None) -> dict:
