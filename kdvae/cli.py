@@ -19,6 +19,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -106,6 +107,23 @@ def _env_int(name: str, low: int) -> int | None:
     return value
 
 
+def _cannot_write(folder: Path) -> str | None:
+    """Why no file can be created in ``folder``, or ``None``. Tried for real (permission
+    bits do not stop root; a read-only mount or a pseudo file system does), leaving no
+    trace: the probe file goes, and the folder's times are set back."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "permission denied"
+    times = folder.stat()
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kdvae-probe-")
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    os.close(fd)
+    os.unlink(probe)
+    os.utime(folder, ns=(times.st_atime_ns, times.st_mtime_ns))
+    return None
+
+
 def check_workdir(workdir: Path, stages: Sequence[str], resume: bool) -> None:
     """Refuse a workdir that cannot be written, or whose checkpoints a fresh run would
     overwrite (a good checkpoint is never replaced without ``--resume``)."""
@@ -118,8 +136,9 @@ def check_workdir(workdir: Path, stages: Sequence[str], resume: bool) -> None:
         raise train.ConfigError(
             f"--workdir {workdir} cannot be created: {ancestor} is a file, not a folder."
         )
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise train.ConfigError(f"--workdir {workdir} is not writable ({ancestor}).")
+    reason = _cannot_write(ancestor)
+    if reason:
+        raise train.ConfigError(f"--workdir {workdir} is not writable ({ancestor}: {reason}).")
     used_any = any(
         (workdir / s / "checkpoints").is_dir() and any((workdir / s / "checkpoints").iterdir())
         for s in stages
