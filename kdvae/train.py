@@ -974,10 +974,14 @@ def _check_memory(trainer: Trainer, data, epochs: _Epochs, state: LoopState, ctx
         need *= len(jax.local_devices())
     if need > free:
         raise ConfigError(
-            f"a training step needs {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} "
-            f"GiB free on {device}; lower the batch size, or the sizes of the model or the "
-            "samples per example."
+            f"a training step needs {_size(need)}, more than the {_size(free)} free on "
+            f"{device}; lower the batch size, or the sizes of the model or the samples per "
+            "example."
         )
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 def _as_stored(config: Mapping[str, Any] | None) -> dict:

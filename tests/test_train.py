@@ -4,10 +4,15 @@ stops on a non-finite loss without writing over the last good checkpoint."""
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -433,3 +438,207 @@ def test_stop_on_signals_sets_a_flag_then_restores_the_handlers():
         with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ----------------------------------------------------------------------- damage and misuse
+# Fingerprinted checkpoints fall back to the newest intact step; one run per workdir;
+# failed writes and memory named in one line.
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def largest_file(folder: Path) -> Path:
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def flip_bytes(path: Path, count: int = 400) -> None:
+    raw = bytearray(path.read_bytes())
+    start = min(100, max(len(raw) - count, 0))
+    for i in range(start, min(start + count, len(raw))):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+# Each damages the newest step (step 2 * STEPS of a two-epoch run) in its own way.
+DAMAGE = {
+    "flipped-best": lambda step: flip_bytes(largest_file(step / "best")),
+    "flipped-state": lambda step: flip_bytes(largest_file(step / "state")),
+    "deleted-state": lambda step: shutil.rmtree(step / "state"),
+    "emptied-manifest": lambda step: (step / "state" / "manifest.ocdbt").write_bytes(b""),
+    "deleted-meta": lambda step: (step / "meta" / "metadata").unlink(),
+    "no-fingerprint": lambda step: (step / "kdvae_fingerprint.json").unlink(),
+    "extra-file": lambda step: (step / "best" / "stray").write_text("x"),
+}
+
+
+@pytest.fixture(scope="module")
+def two_epochs(data, evaluate, tmp_path_factory):
+    """A two-epoch run with checkpoints at the end of epochs 1 and 2 (kept: both)."""
+    folder = tmp_path_factory.mktemp("two_epochs")
+    log = train.MetricsLog(folder / "metrics.jsonl")
+    ckpt = train.Checkpointer(folder / "ckpt")
+    run_fit(make_trainer(), data, evaluate, epochs=2, checkpointer=ckpt, log=log,
+            config={"lr": 0.01})  # fmt: skip
+    ckpt.close()
+    assert sorted(int(p.name) for p in (folder / "ckpt").iterdir()) == [STEPS, 2 * STEPS]
+    return folder
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_step_is_set_aside_and_the_run_resumes_exactly(
+    damage, two_epochs, data, evaluate, reference, tmp_path, capsys
+):
+    """The reference is an uninterrupted three-epoch run (tests/test_train.py)."""
+    folder = tmp_path / "run"
+    shutil.copytree(two_epochs, folder)
+    DAMAGE[damage](folder / "ckpt" / str(2 * STEPS))
+    ckpt = train.Checkpointer(folder / "ckpt")
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and note[0].startswith(f"note: checkpoint step {2 * STEPS} in ")
+    assert "is not intact" in note[0] and f"moved to {2 * STEPS}.damaged-" in note[0]
+    assert ckpt.latest_step() == STEPS and list(ckpt.damaged) == [2 * STEPS]
+    trainer, log = make_trainer(seed=1), train.MetricsLog(folder / "metrics.jsonl")
+    result = run_fit(trainer, data, evaluate, checkpointer=ckpt, log=log, resume=True,
+                     config={"lr": 0.01})  # fmt: skip
+    assert_same_run(trainer, result, log, reference)  # epoch 2 replayed, then epoch 3
+    assert ckpt.latest_step() == 3 * STEPS
+
+
+def test_no_intact_step_refuses_to_resume(two_epochs, data, evaluate, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(two_epochs, folder)
+    for step in (STEPS, 2 * STEPS):
+        flip_bytes(largest_file(folder / "ckpt" / str(step) / "state"))
+    (folder / "ckpt" / str(3 * STEPS)).mkdir()  # and a stray empty step folder
+    ckpt = train.Checkpointer(folder / "ckpt")
+    assert ckpt.latest_step() is None and sorted(ckpt.damaged) == [STEPS, 2 * STEPS, 3 * STEPS]
+    with pytest.raises(train.ConfigError, match="no intact checkpoint") as excinfo:
+        run_fit(make_trainer(), data, evaluate, checkpointer=ckpt, resume=True,
+                config={"lr": 0.01})  # fmt: skip
+    assert "\n" not in str(excinfo.value)
+
+
+def test_read_only_checkpointer_reports_without_moving(two_epochs, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(two_epochs, folder)
+    (folder / "ckpt" / str(2 * STEPS) / "kdvae_fingerprint.json").unlink()
+    before = sorted(p.name for p in (folder / "ckpt").iterdir())
+    with train.Checkpointer(folder / "ckpt", read_only=True) as ckpt:
+        assert ckpt.latest_step() == STEPS and "no fingerprint" in ckpt.damaged[2 * STEPS]
+        assert ckpt.read_meta()["epoch"] == 1
+    assert sorted(p.name for p in (folder / "ckpt").iterdir()) == before
+    assert capsys.readouterr().err == ""
+
+
+def test_a_failed_save_names_what_and_where_and_keeps_the_last_checkpoint(
+    data, evaluate, tmp_path, monkeypatch
+):
+    ckpt = train.Checkpointer(tmp_path / "ckpt")
+    run_fit(make_trainer(), data, evaluate, epochs=1, checkpointer=ckpt, config={"lr": 0.01})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.manager, "save", full_disk)
+    with pytest.raises(train.WriteError) as excinfo:
+        run_fit(make_trainer(), data, evaluate, epochs=2, checkpointer=ckpt, resume=True,
+                config={"lr": 0.01})  # fmt: skip
+    assert str(excinfo.value) == (
+        f"could not save checkpoint step {2 * STEPS} to {tmp_path / 'ckpt'}: "
+        "No space left on device"
+    )
+    monkeypatch.undo()
+    assert train.Checkpointer(tmp_path / "ckpt").latest_step() == STEPS  # intact
+
+
+def test_failed_writes_of_logs_and_results(tmp_path, monkeypatch):
+    log = train.MetricsLog(tmp_path / "metrics.jsonl")
+    log.append({"epoch": 1})
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(train.WriteError, match="could not append to .*: Operation not permitted"):
+        log.append({"epoch": 2})
+    monkeypatch.setattr(Path, "write_text", denied)
+    with pytest.raises(train.WriteError, match="could not write .*results.json: Operation not"):
+        train.write_json(tmp_path / "results.json", {"a": 1})
+    monkeypatch.undo()
+    assert log.rows() == [{"epoch": 1}] and not (tmp_path / "results.json").exists()
+
+
+def test_non_finite_results_are_refused():
+    train.check_finite_results({"a": 1.0, "b": {"c": 2, "d": "x"}})
+    with pytest.raises(train.NonFiniteError, match=r"results\.test\.nll = nan; results\.json"):
+        train.check_finite_results({"test": {"nll": float("nan")}})
+    with pytest.raises(train.NonFiniteError, match=r"results\.kl = inf"):
+        train.check_finite_results({"kl": float("inf")})
+
+
+def test_a_step_too_large_for_memory_is_refused_before_training(
+    data, evaluate, tmp_path, monkeypatch
+):
+    class Counted:
+        def __init__(self, step):
+            self.step, self.calls = step, 0
+
+        def __call__(self, *args):
+            self.calls += 1
+            return self.step(*args)
+
+        def lower(self, *args):
+            return self.step.lower(*args)
+
+    monkeypatch.setattr(train, "_free_bytes", lambda device: 1024)
+    trainer = make_trainer()
+    trainer.step = counted = Counted(trainer.step)
+    ckpt = train.Checkpointer(tmp_path / "ckpt")
+    with pytest.raises(
+        train.ConfigError, match=r"a training step needs [\d.]+ MiB, more than the 0\.0 MiB free on"
+    ):
+        run_fit(trainer, data, evaluate, checkpointer=ckpt)
+    assert counted.calls == 0 and ckpt.latest_step() is None
+    monkeypatch.undo()  # with the real headroom the same step trains
+    run_fit(trainer, data, evaluate, epochs=1)
+    assert counted.calls == STEPS
+
+
+# ----------------------------------------------------------------------- the workdir lock
+
+HOLD = """
+import sys, time
+from kdvae import train
+with train.claim_workdir(sys.argv[1], resume=True):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold(workdir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(workdir)], stdout=subprocess.PIPE,
+                            text=True, cwd=_REPO)  # fmt: skip
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_one_run_per_workdir_and_no_stale_lock(tmp_path):
+    holder = hold(tmp_path / "run")
+    try:
+        with pytest.raises(train.WorkdirBusy) as excinfo:
+            with train.claim_workdir(tmp_path / "run", resume=True):
+                pass
+        message = str(excinfo.value)
+        assert f"--workdir {tmp_path / 'run'} is in use by process {holder.pid} on " in message
+        assert "wait for that run to end, or choose another --workdir" in message
+    finally:
+        holder.kill()  # as a crash: the kernel drops the lock
+        holder.wait()
+        holder.stdout.close()
+    with train.claim_workdir(tmp_path / "run", resume=True) as log:
+        assert log.path == tmp_path / "run" / "metrics.jsonl"
+        lock = (tmp_path / "run" / ".lock").read_text()
+        assert lock.startswith(f"process {os.getpid()} on ")
+    with train.claim_workdir(tmp_path / "run", resume=False):  # released at the block's end
+        pass
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
