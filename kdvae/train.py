@@ -722,8 +722,9 @@ class LoopState:
 
 
 def _check_config(saved: Mapping, current: Mapping, where: Path, prefix: str = "") -> None:
-    """``ConfigMismatchError`` naming the first setting (``model.latents``) that differs."""
-    for key in sorted(set(saved) | set(current)):
+    """``ConfigMismatchError`` naming the first setting (``model.latents``) that differs;
+    the settings are compared before the data (``data``), which follow from some of them."""
+    for key in sorted(set(saved) | set(current), key=lambda k: (k == "data", k)):
         old, new = saved.get(key), current.get(key)
         if isinstance(old, Mapping) and isinstance(new, Mapping):
             _check_config(old, new, where, f"{prefix}{key}.")
@@ -928,7 +929,8 @@ def fit(
     data = replicate(dict(data), trainer.mesh)
     context = context or (lambda epoch: None)
     state = _start(trainer, stage, trainer.metric_names(data, context(0)))
-    _check_memory(trainer, data, epochs, state, replicate(context(state.epoch), trainer.mesh))
+    if state.epoch < loop.epochs:  # something left to train
+        _check_memory(trainer, data, epochs, state, replicate(context(state.epoch), trainer.mesh))
     with stop_on_signals() as stop:
         watch = _Watch(stage, loop, epochs, state, stop)
         try:

@@ -11,8 +11,10 @@ good checkpoint stays, ready for ``--resume``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import io
+import json
 import os
 import shutil
 import signal
@@ -26,7 +28,8 @@ import numpy as np
 import pytest
 from test_data import write_idx
 
-from kdvae import cli, train, vae
+from kdvae import cli, distill, train, vae
+from kdvae import data as kdata
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -140,23 +143,37 @@ def corrupted(tmp_path: Path, data_dir: Path, stem: str, content: bytes | np.nda
 @pytest.mark.parametrize(
     "example, argv, expected",
     [
-        ("distill", ["--temperature", "0"], "--temperature must be a positive number, got 0.0"),
-        ("distill", ["--temperature", "-2"], "--temperature must be a positive number, got -2.0"),
-        ("distill", ["--temperature", "nan"], "--temperature must be a positive number, got nan"),
+        ("distill", ["--temperature", "0"], "--temperature must be in [0.001, 10000], got 0.0"),
+        ("distill", ["--temperature", "-2"], "--temperature must be in [0.001, 10000], got -2.0"),
+        ("distill", ["--temperature", "nan"], "--temperature must be in [0.001, 10000], got nan"),
         ("distill", ["--alpha", "1.5"], "--alpha must be in [0, 1] (the hard-label weight), got 1.5"),  # noqa: E501
         ("distill", ["--alpha", "-0.1"], "--alpha must be in [0, 1]"),
         ("distill", ["--preset", "huge"], "--preset must be one of ['paper', 'quick'], got 'huge'"),
         ("distill", ["--teacher", "resnet50"], "--teacher must be one of"),
-        ("distill", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-        ("distill", ["--lr", "0"], "--lr must be positive, got 0.0"),
+        ("distill", ["--batch-size", "0"], "--batch-size must be in [1, 65,536], got 0"),
+        ("distill", ["--lr", "0"], "--lr must be positive and at most 1, got 0.0"),
         ("distill", ["--omit-classes", "12"],
          "--omit-classes must be class ids in 0..9, got (12,)"),
-        ("distill", ["--val-size", "0"], "--val-size must be >= 1, got 0"),
+        ("distill", ["--val-size", "0"], "--val-size must be in [1, 10,000,000], got 0"),
         ("vae", ["--preset", "huge"], "--preset must be one of ['2d', 'flax', 'iwae'], got 'huge'"),
-        ("vae", ["--epochs", "0"], "--epochs must be >= 1, got 0"),
-        ("vae", ["--latents", "0"], "--latents must be >= 1, got 0"),
-        ("vae", ["--beta", "-1"], "--beta must be >= 0, got -1.0"),
-        ("vae", ["--lr", "-0.001"], "--lr must be positive, got -0.001"),
+        ("vae", ["--epochs", "0"], "--epochs must be in [1, 10,000], got 0"),
+        ("vae", ["--latents", "0"], "--latents must be in [1, 4,096], got 0"),
+        ("vae", ["--beta", "-1"], "--beta must be in [0, 1,000], got -1.0"),
+        ("vae", ["--lr", "-0.001"], "--lr must be positive and at most 1, got -0.001"),
+        # Every numeric setting has a range (found: overflow, out of memory, inf).
+        ("distill", ["--seed", "18446744073709551616"],
+         "--seed must be in [0, 2,147,483,647], got 18446744073709551616"),
+        ("vae", ["--latents", "100000000"], "--latents must be in [1, 4,096], got 100000000"),
+        ("vae", ["--num-samples", "100000"], "--num-samples must be in [1, 1,000], got 100000"),
+        ("vae", ["--k", "100000"], "--k must be in [1, 5,000], got 100000"),
+        ("vae", ["--eval-k", "1000000000"], "--eval-k must be in [1, 100,000], got 1000000000"),
+        ("vae", ["--lr", "inf"], "--lr must be positive and at most 1, got inf"),
+        ("vae", ["--beta", "inf"], "--beta must be in [0, 1,000], got inf"),
+        ("vae", ["--free-bits", "inf"], "--free-bits must be in [0, 100], got inf"),
+        ("vae", ["--lr", "-1e-3"], "--lr must be positive and at most 1, got -0.001"),
+        ("vae", ["--workdir", ""], "--workdir must be a non-empty path, got ''"),
+        ("distill", ["--teacher-checkpoint", ""],
+         "--teacher-checkpoint must be a non-empty path, got ''"),
     ],
 )  # fmt: skip
 def test_bad_setting(example, argv, expected, data_dir, tmp_path):
@@ -296,16 +313,20 @@ def test_workdir_that_is_a_file(data_dir, tmp_path):
 
 
 def test_read_only_workdir(data_dir, tmp_path):
+    """A folder without write permission; as root, whom permissions do not stop, /sys,
+    where nobody may create a file. The check tries a write and leaves no trace."""
     parent = tmp_path / "read-only"
     parent.mkdir()
     parent.chmod(0o555)
     try:
-        if os.access(parent, os.W_OK):
-            pytest.skip("running as root: permissions do not stop writes")
+        if os.access(parent, os.W_OK):  # root
+            parent = Path("/sys")
+            if not parent.is_dir():
+                pytest.skip("running as root on a system without /sys")
         line = refused("vae", ["--data-dir", data_dir, "--workdir", parent / "run"], tmp_path)
     finally:
-        parent.chmod(0o755)
-    assert f"--workdir {parent / 'run'} is not writable ({parent})" in line
+        (tmp_path / "read-only").chmod(0o755)
+    assert f"--workdir {parent / 'run'} is not writable ({parent}: " in line
 
 
 @pytest.mark.parametrize("example", ["distill", "vae"])
@@ -393,7 +414,7 @@ def test_teacher_checkpoint_of_a_vae(vae_run, data_dir, tmp_path):
 @pytest.mark.parametrize(
     "example, argv, expected",
     [
-        ("distill", ["--temperature", "0"], "--temperature must be a positive number, got 0.0"),
+        ("distill", ["--temperature", "0"], "--temperature must be in [0.001, 10000], got 0.0"),
         ("distill", ["--alpha", "2"], "--alpha must be in [0, 1]"),
         ("vae", ["--data-dir", "{tmp}/nowhere"], "does not exist"),
         ("vae", ["--batch-size", "nine"], "argument --batch-size: invalid int value: 'nine'"),
@@ -422,18 +443,29 @@ def test_script_refuses_checkpoints_without_resume(distill_run, data_dir):
 # --------------------------------------------------------------------------- non-finite
 
 
-def test_huge_learning_rate_stops_with_status_3(data_dir, tmp_path):
-    """Adam's first step at lr 1e30 makes the weights ~1e30: the loss overflows."""
-    proc = run_script("distill", ["--data-dir", data_dir, "--workdir", tmp_path / "run",
-                                  *DISTILL_SMALL, "--lr", "1e30"])  # fmt: skip
-    assert proc.returncode == 3, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr
-    assert lines[0].startswith("distill_mnist.py: error: teacher: the loss became nan at ")
-    assert (
-        "at epoch 1, step 2; stopped without saving (the last good checkpoint is kept)." in lines[0]
+def test_nan_before_any_checkpoint_stops_with_status_3(data_dir, tmp_path, monkeypatch):
+    """A loss that is NaN from the first step (as Adam at lr 1e30 made it, before the
+    learning rate got its range): exit 3, one line that says no checkpoint was written."""
+    classification_loss = distill.classification_loss
+
+    def poisoned(**kwargs):
+        loss_fn = classification_loss(**kwargs)
+
+        def nan(model, batch, key, context):
+            loss, metrics = loss_fn(model, batch, key, context)
+            return loss * jnp.nan, metrics
+
+        return nan
+
+    monkeypatch.setattr(distill, "classification_loss", poisoned)
+    workdir = tmp_path / "run"
+    err = _capture(distill_example, ["--data-dir", str(data_dir), "--workdir", str(workdir),
+                                     *DISTILL_SMALL], 3)  # fmt: skip
+    assert err.split(": error: ", 1)[1] == (
+        "teacher: the loss became nan at epoch 1, step 1; stopped without saving (no "
+        "checkpoint of this stage had been written yet).\n"
     )
-    assert faults.checkpoint_steps(tmp_path / "run") == {"teacher": []}  # nothing good to keep
+    assert faults.checkpoint_steps(workdir) == {"teacher": []}  # nothing good to keep
 
 
 def test_nan_in_epoch_two_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -490,3 +522,228 @@ def test_signal_outside_the_training_loop(sig, code, capsys, monkeypatch):
         "vae_mnist.py --workdir w --resume"
     )
     assert signal.getsignal(sig) is before
+
+
+# --------------------------------------------------------------------------- damage
+
+
+def flip_largest_file(folder: Path) -> None:
+    path = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(path.read_bytes())
+    for i in range(100, min(500, len(raw))):  # 400 bytes, as a bad disk would
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.fixture(scope="module")
+def vae_two_epochs(root, data_dir) -> Path:
+    workdir = root / "vae-two-epochs"
+    assert vae_example.main(["--data-dir", str(data_dir), "--workdir", str(workdir),
+                             *VAE_SMALL, "--epochs", "2"]) == 0  # fmt: skip
+    assert faults.checkpoint_steps(workdir) == {"vae": [4, 8]}
+    return workdir
+
+
+def test_damaged_best_model_falls_back_and_gives_the_same_results(
+    vae_two_epochs, data_dir, tmp_path, capsys
+):
+    """Found: bytes flipped in the latest step's best/ made --resume of a finished run
+    exit 0 with a NaN test NLL. Now the step is set aside, epoch 2 is replayed from the
+    intact step, and the results are the uninterrupted run's."""
+    workdir = tmp_path / "run"
+    shutil.copytree(vae_two_epochs, workdir)
+    flip_largest_file(workdir / "vae" / "checkpoints" / "8" / "best")
+    argv = ["--data-dir", str(data_dir), "--workdir", str(workdir), *VAE_SMALL, "--epochs", "2"]
+    assert vae_example.main([*argv, "--resume"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "checkpoint step 8 in " in notes[0] and "has changed" in notes[0]
+    ignore = ("seconds", "eval_seconds", "config")
+    got, want = (json.loads((w / "results.json").read_text()) for w in (workdir, vae_two_epochs))
+    assert {k: v for k, v in got.items() if k not in ignore} == {
+        k: v for k, v in want.items() if k not in ignore
+    }
+    assert faults.checkpoint_steps(workdir) == {"vae": [4, 8]}
+
+
+def test_no_intact_checkpoint_refuses_to_resume(vae_run, data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(vae_run, workdir)
+    flip_largest_file(workdir / "vae" / "checkpoints" / "4" / "state")
+    line = refused("vae", ["--data-dir", data_dir, "--workdir", workdir, *VAE_SMALL, "--resume"],
+                   code=2)  # fmt: skip
+    assert f"cannot resume from {workdir / 'vae' / 'checkpoints'}: no intact checkpoint" in line
+
+
+def test_damaged_teacher_is_refused_before_training(distill_run, data_dir, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(distill_run / "teacher" / "checkpoints", teacher)
+    step = faults.checkpoint_steps(distill_run)["teacher"][-1]
+    flip_largest_file(teacher / str(step) / "best")
+    argv = ["--data-dir", data_dir, "--workdir", tmp_path / "run", *DISTILL_SMALL,
+            "--teacher-checkpoint", teacher]  # fmt: skip
+    line = refused("distill", argv, tmp_path)
+    assert f"--teacher-checkpoint {teacher}: its newest checkpoint (step {step})" in line
+    assert "is not intact (" in line
+
+
+# --------------------------------------------------------------------------- one run, one data
+
+
+def test_a_second_run_into_a_busy_workdir(vae_run, data_dir):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom kdvae import train\n"
+         "with train.claim_workdir(sys.argv[1], resume=True):\n"
+         "    print('held', flush=True); time.sleep(120)", str(vae_run)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = refused("vae", ["--data-dir", data_dir, "--workdir", vae_run, *VAE_SMALL,
+                               "--resume"], vae_run)  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert f"--workdir {vae_run} is in use by process {holder.pid} on " in line
+
+
+@pytest.fixture(scope="module")
+def inverted_data_dir(root, data_dir) -> Path:
+    """The same IDX files with every grey level inverted: other data, same shapes."""
+    folder = root / "inverted"
+    shutil.copytree(data_dir, folder)
+    for stem in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        images = kdata.read_idx(folder / stem)
+        write_idx(folder / stem, 255 - images, gz=False)
+    return folder
+
+
+def test_resume_on_other_data_is_refused(vae_run, inverted_data_dir):
+    line = refused("vae", ["--data-dir", inverted_data_dir, "--workdir", vae_run, *VAE_SMALL,
+                           "--resume"], vae_run)  # fmt: skip
+    assert (
+        f"cannot resume from {vae_run / 'vae' / 'checkpoints'}: it was written with data." in line
+    )
+
+
+def test_teacher_trained_on_other_data_is_refused(distill_run, inverted_data_dir, tmp_path):
+    checkpoints = distill_run / "teacher" / "checkpoints"
+    line = refused("distill", ["--data-dir", inverted_data_dir, "--workdir", tmp_path / "run",
+                               *DISTILL_SMALL, "--teacher-checkpoint", checkpoints],
+                   tmp_path, distill_run)  # fmt: skip
+    assert f"--teacher-checkpoint {checkpoints} was trained on other data (mnist" in line
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(
+    data_dir, tmp_path, monkeypatch
+):
+    calls = []
+    hashes = train._file_hashes
+
+    def full_on_the_second_save(step_dir):
+        calls.append(step_dir)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return hashes(step_dir)
+
+    monkeypatch.setattr(train, "_file_hashes", full_on_the_second_save)
+    workdir = tmp_path / "run"
+    err = _capture(vae_example, ["--data-dir", str(data_dir), "--workdir", str(workdir),
+                                 *VAE_SMALL, "--epochs", "2"], 4)  # fmt: skip
+    assert err.count("\n") == 1 and "Traceback" not in err
+    where = workdir / "vae" / "checkpoints"
+    assert err.split(": error: ", 1)[1] == (
+        f"could not save checkpoint step 8 to {where}: No space left on device; the "
+        "checkpoints written before are kept.\n"
+    )
+    monkeypatch.undo()
+    with train.Checkpointer(workdir / "vae" / "checkpoints", read_only=True) as ckpt:
+        assert ckpt.latest_step() == 4 and ckpt.read_meta()["epoch"] == 1
+
+
+def test_no_permission_for_the_metrics_log_is_one_line(data_dir, tmp_path, monkeypatch):
+    def denied(self, row):
+        raise train.WriteError(f"could not append to {self.path}",
+                               PermissionError(errno.EPERM, "Operation not permitted"))  # fmt: skip
+
+    monkeypatch.setattr(train.MetricsLog, "append", denied)
+    err = _capture(vae_example, ["--data-dir", str(data_dir), "--workdir",
+                                 str(tmp_path / "run"), *VAE_SMALL], 4)  # fmt: skip
+    assert err.count("\n") == 1
+    assert "could not append to " in err and "Operation not permitted; the checkpoints" in err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError(), RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 400.0G")],
+    ids=["host", "xla"],
+)
+def test_out_of_memory_in_the_evaluation_is_one_line(error, data_dir, tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(vae, "evaluate_bounds", oom)
+    err = _capture(vae_example, ["--data-dir", str(data_dir), "--workdir",
+                                 str(tmp_path / "run"), *VAE_SMALL], 5)  # fmt: skip
+    assert err.count("\n") == 1 and err.split(": error: ", 1)[1].startswith("out of memory (")
+    assert "lower --batch-size" in err
+
+
+def test_a_step_too_large_for_memory_is_refused_before_training(data_dir, tmp_path):
+    line = refused("vae", ["--data-dir", data_dir, "--workdir", tmp_path / "run", *VAE_SMALL,
+                           "--objective", "iwae", "--k", "5000", "--latents", "4096",
+                           "--batch-size", "512"], code=2)  # fmt: skip
+    assert "a training step needs " in line and "GiB, more than the " in line
+
+
+def test_non_finite_results_exit_3_without_results(data_dir, tmp_path, monkeypatch):
+    bounds = vae.evaluate_bounds
+
+    def nan_nll(*args, **kwargs):
+        return {**bounds(*args, **kwargs), "nll": float("nan")}
+
+    monkeypatch.setattr(vae, "evaluate_bounds", nan_nll)
+    workdir = tmp_path / "run"
+    err = _capture(vae_example, ["--data-dir", str(data_dir), "--workdir", str(workdir),
+                                 *VAE_SMALL], 3)  # fmt: skip
+    assert "the evaluation gave results.test_nll = nan; results.json was not written" in err
+    assert not (workdir / "results.json").exists()
+
+
+def test_an_empty_test_split_is_refused(data_dir, tmp_path):
+    folder = corrupted(tmp_path, data_dir, "t10k-images-idx3-ubyte", _images(0))
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8), gz=False)
+    line = refused("vae", ["--data-dir", folder, "--workdir", tmp_path / "run", *SMALL], tmp_path)
+    assert "the test split of mnist is empty" in line
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, "--distributed: jax.distributed.initialize() failed ("),
+        ({"KDVAE_NUM_PROCESSES": "two"}, "KDVAE_NUM_PROCESSES must be an integer >= 1, got 'two'"),
+        ({"KDVAE_NUM_PROCESSES": "2", "KDVAE_PROCESS_ID": "2"}, "KDVAE_PROCESS_ID=2 must be below"),
+    ],
+)
+def test_distributed_without_its_environment(env, expected, data_dir, tmp_path, monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "KDVAE_NUM_PROCESSES", "KDVAE_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    proc = run_script("vae", ["--data-dir", data_dir, "--workdir", tmp_path / "run",
+                              "--distributed"])  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_into_a_missing_workdir_says_it_starts_afresh(data_dir, tmp_path, capsys):
+    workdir = tmp_path / "new"
+    assert vae_example.main(["--data-dir", str(data_dir), "--workdir", str(workdir),
+                             *VAE_SMALL, "--resume"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"note: --resume: {workdir} holds no checkpoint yet; starting afresh." in err

@@ -61,7 +61,7 @@ def test_defaults_presets_and_flags():
     "argv, expected",
     [
         (["--width", "0"], "--width must be >= 1, got 0."),
-        (["--rate", "1.5"], "--rate must be in [0.0, 1.0], got 1.5."),
+        (["--rate", "1.5"], "--rate must be in [0, 1], got 1.5."),
         (["--learning-rate", "0"], "--learning-rate must be positive, got 0.0."),
         (["--learning-rate", "nan"], "--learning-rate must be positive, got nan."),
         (["--mode", "c"], "--mode must be one of ['a', 'b'], got 'c'."),
@@ -71,7 +71,7 @@ def test_defaults_presets_and_flags():
         (["--cap", "0"], "--cap must be >= 1, got 0."),
         (["--width", "abc"], "argument --width: invalid int value: 'abc'"),
         (["--mode", "b", "--classes", "3"], "--classes only apply to --mode a."),
-        (["--val-size", "0"], "--val-size must be >= 1, got 0."),
+        (["--val-size", "0"], "--val-size must be in [1, 10,000,000], got 0."),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )  # fmt: skip
