@@ -604,14 +604,25 @@ def claim_workdir(workdir: str | os.PathLike, *, resume: bool) -> Iterator[Metri
 
 def check_resumable(directory: str | os.PathLike, config: Mapping[str, Any]) -> None:
     """``ConfigMismatchError`` if the newest intact checkpoint in ``directory`` was written
-    with another ``config``; nothing if there is none. Reads only: for checks that must
-    come before the first write."""
+    with another ``config``, ``ConfigError`` if it holds checkpoints and none is intact;
+    nothing if it holds none. Reads only: for checks that must come before the first
+    write."""
     if not Path(directory).is_dir():
         return
     with Checkpointer(directory, read_only=True) as checkpointer:
+        _check_something_intact(checkpointer)
         meta = checkpointer.read_meta()
     if meta is not None:
         _check_config(meta.get("config", {}), _as_stored(config), Path(directory))
+
+
+def _check_something_intact(checkpointer: Checkpointer) -> None:
+    if checkpointer.latest_step() is None and checkpointer.damaged:
+        raise ConfigError(
+            f"cannot resume from {checkpointer.directory}: no intact checkpoint (step "
+            + ", step ".join(f"{k}: {v}" for k, v in sorted(checkpointer.damaged.items()))
+            + "). Start afresh with another --workdir."
+        )
 
 
 def check_finite_results(results: Mapping[str, Any], where: str = "results") -> None:
@@ -880,12 +891,8 @@ def _start(trainer: Trainer, stage: Stage, names: Sequence[str]) -> LoopState:
     best = jax.tree.map(jnp.copy, trainer.model_state())  # the step donates the state
     state = LoopState(best_state=best, sums=dict.fromkeys(names, 0.0))
     ckpt = stage.checkpointer
-    if ckpt is not None and stage.resume and ckpt.latest_step() is None and ckpt.damaged:
-        raise ConfigError(
-            f"cannot resume from {ckpt.directory}: no intact checkpoint (step "
-            + ", step ".join(f"{k}: {v}" for k, v in sorted(ckpt.damaged.items()))
-            + "). Start afresh with another --workdir."
-        )
+    if ckpt is not None and stage.resume:
+        _check_something_intact(ckpt)
     if ckpt is not None and stage.resume and ckpt.latest_step() is not None:
         _check_config(ckpt.read_meta().get("config", {}), stage.config, ckpt.directory)
         restored, meta = ckpt.restore({"state": trainer.state, "best": best})

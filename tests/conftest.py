@@ -51,16 +51,31 @@ def class_patterns(n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images[..., None], labels
 
 
+def noisy_labels(images, labels, *, seed: int, rate: float = 0.1):
+    """``labels`` with a fraction ``rate`` redrawn uniformly (some land on the same class)."""
+    rng = np.random.default_rng(seed + 100)
+    redraw = rng.random(len(labels)) < rate
+    return images, np.where(redraw, rng.integers(0, 10, len(labels)), labels).astype(np.int32)
+
+
+# How many of tiny_idx_dir's 200 test labels the redraw changed (seed 2): the fewest
+# errors a model can make there.
+NOISY_TEST_LABELS = int(np.sum(noisy_labels(*class_patterns(200, seed=2), seed=2)[1]
+                               != class_patterns(200, seed=2)[1]))  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_idx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of the four MNIST IDX files: 800 training and 200 test images.
 
-    With ``val_size=200`` that is 600 train, 200 validation and 200 test examples.
+    With ``val_size=200`` that is 600 train, 200 validation and 200 test examples. One
+    label in ten is redrawn at random (:data:`NOISY_TEST_LABELS` of the test labels are
+    wrong), so no model scores 0 errors and an example that always reported 0 would fail.
     Treat it as read-only: it is shared by the whole session.
     """
     folder = tmp_path_factory.mktemp("tiny_idx")
     for prefix, n, seed in (("train", 800, 1), ("t10k", 200, 2)):
-        images, labels = class_patterns(n, seed=seed)
+        images, labels = noisy_labels(*class_patterns(n, seed=seed), seed=seed)
         write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images[..., 0])
         write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
     return folder
