@@ -207,7 +207,9 @@ class Trainer:
         self.graphdef, state = nnx.split((model, optimizer))
         self.state = replicate(state, self.mesh)
         self.loss_fn = loss_fn
-        self.step = jax.jit(self._make_step(), donate_argnums=(0, 1))
+        # ``step`` may be wrapped (tests, fault injection); ``compiled_step`` is the jit.
+        self.compiled_step = jax.jit(self._make_step(), donate_argnums=(0, 1))
+        self.step = self.compiled_step
 
     def _make_step(self):
         graphdef, loss_fn = self.graphdef, self.loss_fn
@@ -972,7 +974,7 @@ def _check_memory(trainer: Trainer, data, epochs: _Epochs, state: LoopState, ctx
     device has free (XLA's own count: arguments, outputs and temporaries)."""
     sums = trainer.metric_sums(state.sums)
     args = (trainer.state, sums, data, epochs.order(0), jnp.int32(0), epochs.key(0), ctx)
-    stats = trainer.step.lower(*args).compile().memory_analysis()
+    stats = trainer.compiled_step.lower(*args).compile().memory_analysis()
     device = trainer.mesh.devices.flat[0]
     free = _free_bytes(device)
     if stats is None or free is None:

@@ -468,6 +468,7 @@ DAMAGE = {
     "deleted-meta": lambda step: (step / "meta" / "metadata").unlink(),
     "no-fingerprint": lambda step: (step / "kdvae_fingerprint.json").unlink(),
     "extra-file": lambda step: (step / "best" / "stray").write_text("x"),
+    "deleted-ocdbt": lambda step: shutil.rmtree(step / "state" / "ocdbt.process_0"),
 }
 
 
@@ -502,6 +503,15 @@ def test_a_damaged_step_is_set_aside_and_the_run_resumes_exactly(
                      config={"lr": 0.01})  # fmt: skip
     assert_same_run(trainer, result, log, reference)  # epoch 2 replayed, then epoch 3
     assert ckpt.latest_step() == 3 * STEPS
+
+
+def test_a_stray_empty_step_folder_is_set_aside(two_epochs, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(two_epochs, folder)
+    (folder / "ckpt" / str(3 * STEPS)).mkdir()  # newer than every real step
+    ckpt = train.Checkpointer(folder / "ckpt")
+    assert ckpt.latest_step() == 2 * STEPS and ckpt.read_meta()["epoch"] == 2
+    assert f"checkpoint step {3 * STEPS} in " in capsys.readouterr().err
 
 
 def test_no_intact_step_refuses_to_resume(two_epochs, data, evaluate, tmp_path):
@@ -579,29 +589,24 @@ def test_non_finite_results_are_refused():
 def test_a_step_too_large_for_memory_is_refused_before_training(
     data, evaluate, tmp_path, monkeypatch
 ):
-    class Counted:
-        def __init__(self, step):
-            self.step, self.calls = step, 0
+    calls = []
 
-        def __call__(self, *args):
-            self.calls += 1
-            return self.step(*args)
-
-        def lower(self, *args):
-            return self.step.lower(*args)
+    def counted(*args):
+        calls.append(1)
+        return step(*args)
 
     monkeypatch.setattr(train, "_free_bytes", lambda device: 1024)
     trainer = make_trainer()
-    trainer.step = counted = Counted(trainer.step)
+    step, trainer.step = trainer.step, counted
     ckpt = train.Checkpointer(tmp_path / "ckpt")
     with pytest.raises(
         train.ConfigError, match=r"a training step needs [\d.]+ MiB, more than the 0\.0 MiB free on"
     ):
         run_fit(trainer, data, evaluate, checkpointer=ckpt)
-    assert counted.calls == 0 and ckpt.latest_step() is None
+    assert not calls and ckpt.latest_step() is None
     monkeypatch.undo()  # with the real headroom the same step trains
     run_fit(trainer, data, evaluate, epochs=1)
-    assert counted.calls == STEPS
+    assert len(calls) == STEPS
 
 
 # ----------------------------------------------------------------------- the workdir lock
