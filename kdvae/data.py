@@ -19,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import logging
 import math
 import os
+import socket
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,6 +88,7 @@ _IDX_MAGIC = {0x00000803: "images", 0x00000801: "labels"}
 _GZIP_MAGIC = b"\x1f\x8b"
 _IMAGE_SHAPE = (28, 28)
 
+_TFDS_HOST = ("storage.googleapis.com", 443)  # where TFDS downloads MNIST and its kin
 _DATA_DIR_HINT = (
     "pass --data-dir DIR to read a folder of the four MNIST-format IDX files instead "
     "(e.g. /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist package)"
@@ -350,6 +353,14 @@ def _load_tfds(name: str, splits: tuple[str, ...], data_dir: str | None) -> list
             f"tensorflow_datasets is needed to download {name}: pip install -e '.[examples]', "
             f"or {_DATA_DIR_HINT}"
         ) from None
+    absl_logger = logging.getLogger("absl")
+    level, _ = absl_logger.level, absl_logger.setLevel(logging.ERROR)  # "no dataset_info.json"
+    try:
+        prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+    finally:
+        absl_logger.setLevel(level)
+    if not prepared:
+        _check_online(name)  # seconds, where TFDS would retry for minutes
     try:
         # Dicts rather than as_supervised, as binarized_mnist has no label to pair.
         tensors = tfds.load(name, split=list(splits), batch_size=-1, data_dir=data_dir)
@@ -360,6 +371,20 @@ def _load_tfds(name: str, splits: tuple[str, ...], data_dir: str | None) -> list
             f"{_DATA_DIR_HINT}"
         ) from err
     return [_split_from_tfds(arrays) for arrays in tfds.as_numpy(tensors)]
+
+
+def _check_online(name: str) -> None:
+    """``DataError`` naming both offline routes when TFDS's download host is unreachable."""
+    try:
+        socket.create_connection(_TFDS_HOST, timeout=5).close()
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise DataError(
+            f"{name} is not prepared for TFDS, and {_TFDS_HOST[0]} cannot be reached to "
+            f"download it ({reason}). Offline, {_DATA_DIR_HINT}; or copy a TFDS folder "
+            "prepared on a machine with internet (~/tensorflow_datasets) and point "
+            "TFDS_DATA_DIR at it"
+        ) from err
 
 
 def _split_from_tfds(arrays: dict[str, np.ndarray]) -> Split:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kdvae import data as data_module
 from kdvae.data import (
     KNOWN_DATASETS,
     DataError,
@@ -355,12 +358,14 @@ def test_tfds_binarized_mnist_is_unlabeled_with_its_own_validation(tmp_path):
     assert data.num_classes == 0 and data.class_names == ()
 
 
-def test_tfds_download_failure_is_one_line_pointing_to_data_dir(monkeypatch):
+def test_tfds_download_failure_is_one_line_pointing_to_data_dir(monkeypatch, tmp_path):
+    """The host answers, but the download fails (a proxy, a full disk)."""
     tfds = pytest.importorskip("tensorflow_datasets")
 
     def offline(*args, **kwargs):
         raise ConnectionError("Failed to resolve 'storage.googleapis.com'\nretries exhausted")
 
+    monkeypatch.setattr(data_module, "_check_online", lambda name: None)
     monkeypatch.setattr(tfds, "load", offline)
     with pytest.raises(DataError) as excinfo:
         load_dataset("fashion_mnist")
@@ -369,6 +374,36 @@ def test_tfds_download_failure_is_one_line_pointing_to_data_dir(monkeypatch):
     assert "ConnectionError: Failed to resolve" in message
     assert "--data-dir DIR" in message and "/usr/share/datasets/fashion-mnist" in message
     assert isinstance(excinfo.value.__cause__, ConnectionError)
+
+
+def test_offline_first_run_fails_in_seconds_naming_both_routes(monkeypatch, tmp_path):
+    """Found: without a network the first run exited 2 only after 208 s of TFDS's
+    download retries. An unprepared dataset and an unreachable host now stop at once."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def unreachable(address, timeout):
+        assert address == ("storage.googleapis.com", 443) and timeout <= 5
+        raise OSError(errno.EHOSTUNREACH, "No route to host")
+
+    def never(*args, **kwargs):
+        raise AssertionError("TFDS was asked to download")
+
+    monkeypatch.setattr(data_module.socket, "create_connection", unreachable)
+    monkeypatch.setattr(tfds, "load", never)
+    t0 = time.perf_counter()
+    with pytest.raises(DataError) as excinfo:
+        load_dataset("mnist", tfds_data_dir=str(tmp_path))
+    assert time.perf_counter() - t0 < 10
+    message = error_message(excinfo)
+    assert message.startswith("mnist is not prepared for TFDS, and storage.googleapis.com ")
+    assert "(No route to host)" in message
+    assert "--data-dir DIR" in message and "TFDS_DATA_DIR" in message
+    # A prepared dataset is read without asking the network.
+    monkeypatch.undo()
+    monkeypatch.setattr(data_module.socket, "create_connection", unreachable)
+    prepared = tmp_path / "prepared"
+    with mock_tfds(prepared, "mnist", ("train", "test"), num_examples=20):
+        assert len(load_dataset("mnist", val_size=5, tfds_data_dir=str(prepared)).test) == 20
 
 
 @pytest.mark.parametrize("name", [n for n in KNOWN_DATASETS if n != "binarized_mnist"])
