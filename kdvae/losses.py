@@ -31,13 +31,19 @@ __all__ = [
     "ELBOTerms",
     "bernoulli_log_likelihood",
     "check_distillation_settings",
+    "decoupled_kd_loss",
     "diagonal_gaussian_kl",
+    "dist_loss",
     "distillation_loss",
     "elbo",
     "gaussian_kl",
     "gaussian_log_likelihood",
+    "generalized_jsd_loss",
     "iwae_bound",
+    "logit_matching_loss",
     "reparameterize",
+    "reverse_kl_loss",
+    "standardize_logits",
     "tempered_cross_entropy",
     "tempered_log_softmax",
     "tempered_softmax",
@@ -443,6 +449,510 @@ def distillation_loss(
         return soft
     hard = tempered_cross_entropy(student, labels, axis=axis, where=where)
     return alpha * hard + (1.0 - alpha) * soft
+
+
+# ------------------------------------------------------ the logit-distillation family
+#
+# The logit-based losses the distillation literature compares against. They keep
+# distillation_loss's conventions: logits in, the teacher's under stop_gradient, the
+# tempered terms scaled by T**2, zero-probability classes contributing exactly 0.
+
+
+def _check_weight(name: str, value: Any, high: float = math.inf, *, positive: bool = False) -> None:
+    """``TypeError``/``ValueError`` naming ``name`` unless ``value`` is a finite number in
+    ``[0, high]`` (``(0, high]`` if ``positive``); a traced value is not checked."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    low = "(0" if positive else "[0"
+    message = f"{name} must be a finite number in {low}, {high:g}], got {value!r}."
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(message) from err
+    if not (math.isfinite(number) and 0.0 <= number <= high) or (positive and number == 0):
+        raise ValueError(message)
+
+
+def _student_and_teacher(
+    student_logits: ArrayLike, teacher_logits: ArrayLike, axis: int
+) -> tuple[jax.Array, jax.Array, int]:
+    """Both logits checked (floating, one shape), the teacher's under ``stop_gradient``;
+    and the class axis, made non-negative."""
+    student = _float_array("student_logits", student_logits)
+    teacher = _float_array("teacher_logits", teacher_logits)
+    if student.shape != teacher.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same shape, got "
+            f"{student.shape} and {teacher.shape}."
+        )
+    axis = _check_axis("student_logits", axis, student.ndim)
+    return student, jax.lax.stop_gradient(teacher), axis
+
+
+def _log_sum_exp(x: jax.Array, axis: int) -> jax.Array:
+    """``log sum exp(x)`` over ``axis`` (kept): ``-inf`` for a slice of ``-inf`` only, with
+    a finite gradient there too (``jax.nn.logsumexp``'s is NaN)."""
+    top = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    total = jnp.sum(jnp.exp(x - top), axis=axis, keepdims=True)  # >= 1 unless all -inf
+    return jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+
+
+def _target_split(
+    logits: jax.Array, is_target: jax.Array, temperature: Any, axis: int, where: Any
+) -> tuple[jax.Array, jax.Array]:
+    """For ``p = S_T(logits)`` and the target class ``y``: ``log (p_y, 1 - p_y)`` (a
+    two-class axis at ``axis``) and the log-softmax over the classes other than ``y``
+    (``-inf`` at ``y``), each from the tempered logits, without forming ``1 - p_y``."""
+    scaled = _shifted_and_scaled(logits, temperature, axis, where)[0]  # max 0; masked -inf
+    others = jnp.where(is_target, -jnp.inf, scaled)
+    log_rest = _log_sum_exp(others, axis)  # log sum_{i != y} exp(z_i / T), shifted
+    log_norm = jnp.log(jnp.sum(jnp.exp(scaled), axis=axis, keepdims=True))  # in [0, log C]
+    target = jnp.sum(jnp.where(is_target, scaled, 0.0), axis=axis, keepdims=True)
+    binary = jnp.concatenate([target, log_rest], axis=axis) - log_norm
+    return binary, others - jnp.where(log_rest > -jnp.inf, log_rest, 0.0)
+
+
+def _kl(log_p: jax.Array, log_q: jax.Array, axis: int) -> jax.Array:
+    """``KL(p || q)`` over ``axis`` from log-probabilities, ``0 log 0 = 0``."""
+    return _sum_plogq(jnp.exp(log_p), log_p - log_q, axis)
+
+
+def decoupled_kd_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    temperature: float = 4.0,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Zhao et al.'s decoupled knowledge distillation (DKD), per example.
+
+    .. math::
+        \mathcal{L} = \alpha \, \mathrm{TCKD} + \beta \, \mathrm{NCKD}, \quad
+        \mathrm{TCKD} = T^2 \, \mathrm{KL}\big(b^t \,\|\, b^s\big), \quad
+        \mathrm{NCKD} = T^2 \, \mathrm{KL}\big(\hat p^t \,\|\, \hat p^s\big)
+
+    For the tempered probabilities :math:`p = S_T(z)` and the true class :math:`y`,
+    :math:`b = (p_y, 1 - p_y)` is the binary target-versus-rest distribution and
+    :math:`\hat p_i = p_i / (1 - p_y)`, :math:`i \ne y`, the distribution among the
+    non-target classes. **``alpha`` weights TCKD** (target-class KD) and **``beta``
+    weights NCKD** (non-target-class KD). Hinton's soft term is the special case
+    (Zhao et al., eq. 5)
+
+    .. math::
+        T^2 \, \mathrm{KL}\big(S_T(z_t) \,\|\, S_T(z_s)\big)
+          = \mathrm{TCKD} + (1 - p^t_y) \, \mathrm{NCKD},
+
+    which ties NCKD's weight to the teacher's confidence; DKD sets both weights freely.
+
+    Everything comes from the tempered logits in log space: ``log(1 - p_y)`` is the
+    log-sum-exp of the other classes, accurate where ``1 - p_y`` rounds to 0, and the
+    non-target distribution is a log-softmax over the other classes (what the official
+    code approximates by subtracting 1000 from the target's logit). Masked
+    (``where=False`` or ``-inf``) classes contribute nothing. The official code also adds
+    the hard-label cross-entropy (weight 1) and ramps DKD up over the first 20 epochs;
+    both belong to the train step (:func:`tempered_cross_entropy`), not to this loss.
+
+    Args:
+      student_logits: ``[..., C]`` logits of the student (classes along ``axis``).
+      teacher_logits: ``[..., C]`` logits of the frozen teacher.
+      labels: ``[...]`` integer class indices, the target class :math:`y` of each
+        example. One outside ``[0, C)`` raises when concrete; under ``jit`` that
+        example's loss is NaN.
+      temperature: ``T > 0``, shared by teacher and student (4 in the paper's CIFAR-100
+        runs).
+      alpha: weight of TCKD, ``>= 0`` (1 in the paper).
+      beta: weight of NCKD, ``>= 0`` (8 in the paper's CIFAR-100 runs).
+      axis: the class axis.
+      where: optional boolean class mask, broadcastable to the logits.
+
+    Returns:
+      ``[...]``: the loss per example.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import decoupled_kd_loss
+      >>> s, t = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[3.0, 2.0, 1.0]])
+      >>> decoupled_kd_loss(s, t, jnp.array([0]), temperature=1.0)
+      Array([4.6926603], dtype=float32)
+
+    References:
+      Zhao, Cui, Song, Qiu & Liang, *Decoupled Knowledge Distillation*, CVPR 2022,
+      eqs. (1)-(6). https://arxiv.org/abs/2203.08679
+    """
+    _check_temperature(temperature)
+    _check_weight("alpha", alpha)
+    _check_weight("beta", beta)
+    student, teacher, axis = _student_and_teacher(student_logits, teacher_logits, axis)
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}.")
+    labels = _integer_labels(labels, student.shape, axis)
+    where = _check_where(where, student.shape)
+    classes = jax.lax.broadcasted_iota(jnp.int32, student.shape, axis)
+    is_target = classes == jnp.expand_dims(labels, axis)
+    binary_t, others_t = _target_split(teacher, is_target, temperature, axis, where)
+    binary_s, others_s = _target_split(student, is_target, temperature, axis, where)
+    tckd = _kl(binary_t, binary_s, axis)
+    nckd = _kl(others_t, others_s, axis)
+    loss = temperature**2 * (alpha * tckd + beta * nckd)
+    # Under jit labels cannot be checked: one out of [0, C) gives NaN, not another loss.
+    return jnp.where((labels >= 0) & (labels < student.shape[axis]), loss, jnp.nan)
+
+
+def _centered_norm(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """``x - mean(x)`` along ``axis`` and its Euclidean norm (with a finite gradient at 0)."""
+    centered = x - jnp.mean(x, axis=axis, keepdims=True)
+    square = jnp.sum(jnp.square(centered), axis=axis)
+    norm = jnp.where(square > 0, jnp.sqrt(jnp.where(square > 0, square, 1.0)), 0.0)
+    return centered, norm
+
+
+def _pearson_distance(a: jax.Array, b: jax.Array, axis: int, eps: float = 1e-8) -> jax.Array:
+    """``1 - rho(a, b)`` along ``axis``: DIST's ``d_p``, with the official code's ``eps``."""
+    a, norm_a = _centered_norm(a, axis)
+    b, norm_b = _centered_norm(b, axis)
+    return 1.0 - jnp.sum(a * b, axis=axis) / (norm_a * norm_b + eps)
+
+
+def dist_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+) -> jax.Array:
+    r"""Huang et al.'s DIST: match the teacher's relations, not its probabilities.
+
+    .. math::
+        \mathcal{L} = T^2 \Big(\frac{\beta}{B} \sum_{b=1}^{B}
+            \big(1 - \rho(Y^s_{b,:}, Y^t_{b,:})\big)
+          + \frac{\gamma}{C} \sum_{c=1}^{C} \big(1 - \rho(Y^s_{:,c}, Y^t_{:,c})\big)\Big)
+
+    with :math:`Y = S_T(z)` the ``[B, C]`` tempered probabilities and :math:`\rho`
+    Pearson's correlation. **``beta`` weights the inter-class term**, which correlates
+    each example's probabilities across the classes; **``gamma`` the intra-class term**,
+    which correlates each class's probabilities across the batch.
+
+    **One value per batch, not per example.** The intra-class term spans the batch, so
+    the loss does not split into per-example values: this returns a scalar, with the
+    inter-class term already averaged over the batch and the intra-class term over the
+    classes (the paper's loss; take no further mean). It depends on which examples share
+    the batch, and a batch of one has no intra-class correlation (refused). ``vmap`` it
+    over a stack of batches for one value per batch.
+
+    As in the official code (and its ``T**2``), :math:`\rho = \mathrm{cov}(a, b) /
+    (\|a - \bar a\| \, \|b - \bar b\| + 10^{-8})`: a row or column of constant
+    probabilities (a class that is ``-inf`` throughout, or all-equal logits) has
+    correlation 0, not NaN. The ``1e-8`` is negligible unless the probabilities are
+    nearly flat (for O(1) logits and 10 classes, ``T`` in the thousands).
+
+    Args:
+      student_logits: ``[B, C]`` logits of the student: batch axis 0, class axis 1.
+      teacher_logits: ``[B, C]`` logits of the frozen teacher.
+      temperature: ``T > 0``, shared by teacher and student (1 in the paper's ImageNet
+        runs).
+      beta: weight of the inter-class term, ``>= 0`` (1 in the paper).
+      gamma: weight of the intra-class term, ``>= 0`` (1 in the paper).
+
+    Returns:
+      ``[]``: the loss of the batch, a scalar.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import dist_loss
+      >>> s = jnp.array([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
+      >>> print(f"{dist_loss(s, s):.4f}, {dist_loss(s, -s):.4f}")  # the same relations: 0
+      0.0000, 3.9335
+
+    References:
+      Huang, You, Wang, Qian & Xu, *Knowledge Distillation from A Stronger Teacher*,
+      NeurIPS 2022, eqs. (6)-(9). https://arxiv.org/abs/2205.10536
+    """
+    _check_temperature(temperature)
+    _check_weight("beta", beta)
+    _check_weight("gamma", gamma)
+    student, teacher, _ = _student_and_teacher(student_logits, teacher_logits, -1)
+    if student.ndim != 2 or min(student.shape) < 2:
+        raise ValueError(
+            "student_logits and teacher_logits must be [batch, classes] with at least 2 of "
+            f"each (DIST correlates across both), got shape {student.shape}."
+        )
+    y_s = tempered_softmax(student, temperature=temperature)
+    y_t = tempered_softmax(teacher, temperature=temperature)
+    inter = jnp.mean(_pearson_distance(y_s, y_t, axis=1))
+    intra = jnp.mean(_pearson_distance(y_s, y_t, axis=0))
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+def standardize_logits(
+    logits: ArrayLike,
+    *,
+    axis: int = -1,
+    eps: float = 1e-7,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Sun et al.'s logit standardization: each example's logits as z-scores.
+
+    .. math::
+        Z(z)_i = \frac{z_i - \bar z}{\sigma(z) + \epsilon}, \quad
+        \bar z = \frac1C \sum_j z_j, \quad
+        \sigma(z) = \Big(\frac1C \sum_j (z_j - \bar z)^2\Big)^{1/2}
+
+    A transform to put before a logit-based loss, not a loss: standardize the student's
+    and the teacher's logits and pass both on with the paper's *base temperature*
+    :math:`\tau` (2 in its ablations), e.g.
+    ``distillation_loss(standardize_logits(s), standardize_logits(t), y, temperature=2.0,
+    alpha=...)`` or ``decoupled_kd_loss(standardize_logits(s), standardize_logits(t), y,
+    temperature=2.0)``: the paper's ``softmax(Z(z) / tau)`` with the ``tau**2``-scaled
+    KL. The student then matches the teacher's logit relations rather than their shift
+    and scale: the loss no longer changes when a constant is added to either model's
+    logits or they are multiplied by a positive number.
+
+    ``sigma`` divides by ``C`` (the paper's Algorithm 1); the official code's
+    ``torch.std`` divides by ``C - 1``, which makes its output smaller by a factor
+    ``sqrt((C - 1) / C)``, as if the base temperature were larger by its inverse. As in
+    that code, ``eps`` is added to ``sigma``, so a constant row (zero variance) becomes
+    zeros, not NaN. It is computed on the logits shifted by their maximum and scaled by
+    their range (which cancel), exact for logits with a large common offset and finite up
+    to the float32 maximum. Masked (``where=False``) and ``-inf`` classes are left out of
+    the mean and the deviation and stay ``-inf`` (probability 0 after a softmax).
+
+    Args:
+      logits: ``[..., C, ...]`` logits, classes along ``axis``.
+      axis: the class axis.
+      eps: ``> 0``, added to the standard deviation.
+      where: optional boolean class mask, broadcastable to ``logits``.
+
+    Returns:
+      An array shaped like ``logits``: mean 0 and standard deviation (almost) 1 over the
+      unmasked classes of each example.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import standardize_logits
+      >>> standardize_logits(jnp.array([[1.0, 3.0], [5.0, 5.0]])).round(4)
+      Array([[-1.,  1.],
+             [ 0.,  0.]], dtype=float32)
+
+    References:
+      Sun, Ren, Li, Wang & Cao, *Logit Standardization in Knowledge Distillation*,
+      CVPR 2024, Algorithms 1 and 2. https://arxiv.org/abs/2403.01427
+    """
+    logits = _float_array("logits", logits)
+    axis = _check_axis("logits", axis, logits.ndim)
+    _check_weight("eps", eps, positive=True)
+    where = _check_where(where, logits.shape)
+    visible = logits > -jnp.inf if where is None else where & (logits > -jnp.inf)
+    count = jnp.sum(visible, axis=axis, keepdims=True)
+    # Shifted so the largest is 0 and halved, so z - max z cannot overflow; divided by its
+    # range clipped to [1, 2**100], so the squares cannot (a larger divisor would have a
+    # subnormal reciprocal, which XLA on a CPU flushes to 0). Neither changes the result:
+    # out = c / (sigma + eps), with the centred c and sigma both divided by 2 * scale (and
+    # stop_gradient is exact, as the result does not depend on the shift or the scale).
+    top = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=axis, keepdims=True)
+    shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    x = jnp.where(visible, 0.5 * logits - 0.5 * shift, 0.0)  # in [-max |z|, 0]
+    scale = jnp.clip(-jnp.min(x, axis=axis, keepdims=True), 1.0, 2.0**100)
+    scale = jax.lax.stop_gradient(scale)
+    x = x / scale
+    centered = jnp.where(visible, x - jnp.sum(x, axis=axis, keepdims=True) / count, 0.0)
+    variance = jnp.sum(jnp.square(centered), axis=axis, keepdims=True) / count
+    sigma = jnp.where(variance > 0, jnp.sqrt(jnp.where(variance > 0, variance, 1.0)), 0.0)
+    out = centered / (sigma + eps / (2.0 * scale))
+    return jnp.where(visible, out, -jnp.inf)
+
+
+def reverse_kl_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: float = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""The reverse KL divergence ``T**2 * KL(student || teacher)``, per example.
+
+    .. math::
+        \mathcal{L} = T^2 \, \mathrm{KL}\big(S_T(z_s) \,\|\, S_T(z_t)\big)
+          = T^2 \sum_i S_T(z_s)_i \big(\log S_T(z_s)_i - \log S_T(z_t)_i\big)
+
+    Hinton's soft term (:func:`distillation_loss`) is the forward ``KL(teacher ||
+    student)``, which makes the student cover every class the teacher gives mass; the
+    reverse direction is mode-seeking: it penalises student mass where the teacher has
+    little, and lets the student drop teacher modes. GKD studies it for language models
+    (with ``T = 1``); the ``T**2`` keeps the gradient's scale as ``T`` changes, as in
+    :func:`distillation_loss`. Classes of student probability 0 (masked or ``-inf``)
+    contribute exactly 0; student mass on a class the teacher gives probability 0 makes
+    the loss ``+inf``.
+
+    Args:
+      student_logits: ``[..., C]`` logits of the student (classes along ``axis``).
+      teacher_logits: ``[..., C]`` logits of the frozen teacher.
+      temperature: ``T > 0``, shared by teacher and student.
+      axis: the class axis.
+      where: optional boolean class mask, broadcastable to the logits.
+
+    Returns:
+      ``[...]``: the loss per example.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import reverse_kl_loss
+      >>> reverse_kl_loss(jnp.array([[0.0, 0.0]]), jnp.array([[0.0, jnp.log(3.0)]]))
+      Array([0.14384101], dtype=float32)
+
+    References:
+      Agarwal, Vieillard, Zhou, Stanczyk, Ramos, Geist & Bachem, *On-Policy
+      Distillation of Language Models: Learning from Self-Generated Mistakes*, ICLR
+      2024, section 2. https://arxiv.org/abs/2306.13649
+    """
+    _check_temperature(temperature)
+    student, teacher, axis = _student_and_teacher(student_logits, teacher_logits, axis)
+    log_p_s = tempered_log_softmax(student, temperature=temperature, axis=axis, where=where)
+    log_p_t = tempered_log_softmax(teacher, temperature=temperature, axis=axis, where=where)
+    return temperature**2 * _kl(log_p_s, log_p_t, axis)
+
+
+def _log_mixture(log_p: jax.Array, log_q: jax.Array, weight: Any) -> jax.Array:
+    """``log(weight p + (1 - weight) q)`` from ``log p`` and ``log q``, elementwise: a
+    two-term log-sum-exp, ``-inf`` (with a finite gradient) where both are ``-inf``."""
+    a = log_p + jnp.log(weight)
+    b = log_q + jnp.log1p(-weight)
+    top = jnp.maximum(a, b)
+    gap = jnp.where(top > -jnp.inf, jnp.minimum(a, b) - top, -jnp.inf)  # <= 0
+    return top + jnp.log1p(jnp.exp(gap))
+
+
+def generalized_jsd_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""The generalized Jensen-Shannon divergence of GKD (Agarwal et al.), per example.
+
+    .. math::
+        \mathcal{L} = T^2 \Big(\beta \, \mathrm{KL}(p_t \,\|\, m)
+          + (1 - \beta) \, \mathrm{KL}(p_s \,\|\, m)\Big), \quad
+        m = \beta \, p_t + (1 - \beta) \, p_s
+
+    for the tempered teacher and student probabilities :math:`p_t = S_T(z_t)`,
+    :math:`p_s = S_T(z_s)`; ``beta = 0.5`` is the Jensen-Shannon divergence. For
+    ``0 < beta < 1`` it is finite even where one model gives a class probability 0
+    (``m >= beta p_t`` and ``m >= (1 - beta) p_s``). The mixture is formed in log space,
+    ``log m = logaddexp(log p_t + log beta, log p_s + log(1 - beta))``, accurate however
+    small the probabilities; zero-probability (masked or ``-inf``) classes contribute
+    exactly 0.
+
+    **The ends, beta = 0 and 1.** Near them the formula is a scaled KL:
+    ``beta * KL(p_t || p_s)`` as ``beta -> 0`` and ``(1 - beta) * KL(p_s || p_t)`` as
+    ``beta -> 1`` (to first order). So its gradient turns from the forward KL's to the
+    reverse KL's, which is the sense in which GKD says JSD(beta) interpolates between
+    the two, while its value tends to 0. Following GKD's convention (as in TRL's
+    ``GKDTrainer``), ``beta=0`` gives the forward KL ``T**2 * KL(p_t || p_s)``
+    (:func:`distillation_loss`'s soft term) and ``beta=1`` the reverse KL
+    ``T**2 * KL(p_s || p_t)`` (:func:`reverse_kl_loss`), not the limit 0: the value jumps
+    there (by a factor of about ``1 / beta`` near 0, ``1 / (1 - beta)`` near 1). A traced
+    ``beta`` (a schedule) is handled the same way.
+
+    Args:
+      student_logits: ``[..., C]`` logits of the student (classes along ``axis``).
+      teacher_logits: ``[..., C]`` logits of the frozen teacher.
+      beta: the teacher's weight in the mixture ``m``, in ``[0, 1]``.
+      temperature: ``T > 0``, shared by teacher and student (GKD uses 1).
+      axis: the class axis.
+      where: optional boolean class mask, broadcastable to the logits.
+
+    Returns:
+      ``[...]``: the loss per example.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import generalized_jsd_loss
+      >>> s, t = jnp.array([[0.0, -jnp.inf]]), jnp.array([[-jnp.inf, 0.0]])
+      >>> generalized_jsd_loss(s, t)  # disjoint supports: log 2
+      Array([0.6931472], dtype=float32)
+
+    References:
+      Agarwal, Vieillard, Zhou, Stanczyk, Ramos, Geist & Bachem, *On-Policy
+      Distillation of Language Models: Learning from Self-Generated Mistakes*, ICLR
+      2024, section 2. https://arxiv.org/abs/2306.13649
+    """
+    _check_temperature(temperature)
+    _check_weight("beta", beta, high=1.0)
+    student, teacher, axis = _student_and_teacher(student_logits, teacher_logits, axis)
+    log_p_s = tempered_log_softmax(student, temperature=temperature, axis=axis, where=where)
+    log_p_t = tempered_log_softmax(teacher, temperature=temperature, axis=axis, where=where)
+    traced = isinstance(beta, jax.core.Tracer)
+    if not traced and beta in (0, 1):
+        forward = beta == 0
+        return temperature**2 * (
+            _kl(log_p_t, log_p_s, axis) if forward else _kl(log_p_s, log_p_t, axis)
+        )
+    log_m = _log_mixture(log_p_t, log_p_s, beta)
+    jsd = beta * _kl(log_p_t, log_m, axis) + (1.0 - beta) * _kl(log_p_s, log_m, axis)
+    if traced:
+        ends = jnp.where(beta == 0, _kl(log_p_t, log_p_s, axis), _kl(log_p_s, log_p_t, axis))
+        jsd = jnp.where((beta == 0) | (beta == 1), ends, jsd)
+    return temperature**2 * jsd
+
+
+def logit_matching_loss(
+    student_logits: ArrayLike, teacher_logits: ArrayLike, *, axis: int = -1
+) -> jax.Array:
+    r"""Ba & Caruana's logit matching, normalised as KD's high-temperature limit.
+
+    .. math::
+        \mathcal{L} = \frac{1}{2C} \sum_{i=1}^{C}
+          \big((z_{s,i} - \bar z_s) - (z_{t,i} - \bar z_t)\big)^2
+
+    half the mean over classes of the squared difference of the zero-mean logits. Its
+    gradient with respect to the student's logits,
+    :math:`\big((z_s - \bar z_s) - (z_t - \bar z_t)\big) / C`, is exactly the limit as
+    ``T -> inf`` of the gradient of Hinton's soft term (:func:`distillation_loss`),
+    :math:`T \big(S_T(z_s) - S_T(z_t)\big)` (Hinton et al., section 2.1): logit matching
+    is distillation at infinite temperature, and with this normalisation one can replace
+    the other at the same learning rate. Ba & Caruana's own loss,
+    :math:`\tfrac12 \|z_s - z_t\|^2` per example, is ``C`` times this for zero-mean
+    logits; the means are subtracted because a softmax ignores a shift of all logits.
+
+    Logits must be finite (a ``-inf`` logit has no squared distance); the value is
+    ``+inf`` where the squares exceed the float32 maximum (differences beyond ~1e19).
+
+    Args:
+      student_logits: ``[..., C]`` logits of the student (classes along ``axis``).
+      teacher_logits: ``[..., C]`` logits of the frozen teacher.
+      axis: the class axis.
+
+    Returns:
+      ``[...]``: the loss per example.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from kdvae.losses import logit_matching_loss
+      >>> logit_matching_loss(jnp.array([[1.0, 3.0]]), jnp.array([[10.0, 10.0]]))
+      Array([0.5], dtype=float32)
+
+    References:
+      Ba & Caruana, *Do Deep Nets Really Need to be Deep?*, NeurIPS 2014, section 2.2.
+      https://arxiv.org/abs/1312.6184 ; Hinton, Vinyals & Dean, 2015, section 2.1.
+      https://arxiv.org/abs/1503.02531
+    """
+    student, teacher, axis = _student_and_teacher(student_logits, teacher_logits, axis)
+    difference = student - teacher
+    centered = difference - jnp.mean(difference, axis=axis, keepdims=True)
+    return 0.5 * jnp.mean(jnp.square(centered), axis=axis)
 
 
 # ----------------------------------------------------------------- Gaussians & VAE

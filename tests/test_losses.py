@@ -680,6 +680,24 @@ def _grad_cases():
             "distillation_loss_where": distill(y_visible, temperature=1.5, alpha=0.5, where=mask),
         }
 
+    def logit_distillation(z):  # the teacher (t) is constant: its gradient is stopped
+        z_s, z_t = losses.standardize_logits(z), losses.standardize_logits(t)
+        return {
+            "decoupled_kd_loss": losses.decoupled_kd_loss(z, t, y, temperature=2.0),
+            "decoupled_kd_loss_where": losses.decoupled_kd_loss(
+                z, t, y_visible, temperature=0.7, alpha=0.5, beta=2.0, where=mask
+            ),
+            "dist_loss": losses.dist_loss(z, t, temperature=1.5, beta=1.0, gamma=2.0),
+            "standardize_logits": losses.standardize_logits(z, where=mask)[:, mask],
+            "standardize_logits_with_kd": losses.distillation_loss(z_s, z_t, temperature=2.0),
+            "reverse_kl_loss": losses.reverse_kl_loss(z, t, temperature=3.0, where=mask),
+            "generalized_jsd_loss": losses.generalized_jsd_loss(z, t, beta=0.3, temperature=0.8),
+            "generalized_jsd_loss_ends": [
+                losses.generalized_jsd_loss(z, t, beta=b, where=mask) for b in (0.0, 1.0)
+            ],
+            "logit_matching_loss": losses.logit_matching_loss(z, t),
+        }
+
     def gaussians(mean, logvar, mean_p, logvar_p, x):
         q, p = losses.DiagonalGaussian(mean, logvar), losses.DiagonalGaussian(mean_p, logvar_p)
         z, log_q = q.sample_and_log_prob(key, num_samples=2)
@@ -716,6 +734,7 @@ def _grad_cases():
     return {
         "tempered_log_softmax": (tempered_log_softmax, (s,)),
         "classification": (classification, (s, p)),
+        "logit_distillation": (logit_distillation, (s,)),
         "gaussians": (gaussians, (mean, logvar, mean_p, logvar_p, x)),
         "vae_bounds": (vae_bounds, (params,)),
     }
@@ -726,6 +745,7 @@ def _grad_cases():
 GRAD_CASES = {  # name -> (order, modes)
     "tempered_log_softmax": (2, ("fwd", "rev")),
     "classification": (1, ("fwd", "rev")),
+    "logit_distillation": (1, ("rev",)),
     "gaussians": (1, ("fwd", "rev")),
     "vae_bounds": (1, ("rev",)),
 }
