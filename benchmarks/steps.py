@@ -18,6 +18,8 @@ a live teacher and with cached teacher logits, the VAE) and batch size:
     python benchmarks/steps.py --epoch         # also one full 60,000-example epoch each
     python benchmarks/steps.py --ablations     # also what dropout, max-norm, Adam and
                                                # binarization cost the teacher and VAE
+    python benchmarks/steps.py --methods       # also each distillation method's cached
+                                               # step over KD's (target: <= 1.1x at 512)
 
 Targets (batch 512, CPU): teacher >= 0.85, distill_cached >= 0.90, vae >= 0.80 of
 the GEMM rate; distill_cached <= 1.1x the student step; compile < 2 s. The last two are
@@ -153,10 +155,9 @@ def build(step: str, batch: int, rows: int, without: tuple[str, ...] = ()):
         teacher = _classifier("hinton_teacher", 1)
         graphdef, teacher_state = nnx.split(teacher)
         model = _classifier("hinton_student")
-        loss_fn = distill.distillation_objective(
-            temperature=4.0, alpha=0.5, teacher_graphdef=graphdef
-        )
-        if step == "distill_cached":
+        method = step.partition(":")[2] or "kd"  # e.g. distill_cached:dkd
+        loss_fn = distill.distillation_objective(method, teacher_graphdef=graphdef)
+        if step.startswith("distill_cached"):
             data["teacher_logits"] = jax.random.normal(jax.random.key(2), (rows, 10))
         else:
             context = {"teacher": teacher_state}
@@ -191,6 +192,24 @@ def ablate(step: str, batch: int, rounds: int, steps_per_round: int = 5) -> dict
         for name, run in runners.items():
             times[name].append(run())
     return {name: round(float(np.median(t)) * 1e3, 3) for name, t in times.items()}
+
+
+def methods_over_kd(batch: int, rounds: int, steps_per_round: int = 5) -> dict[str, float]:
+    """Each distillation method's cached-logits step time over KD's (medians of
+    interleaved rounds, so the ratios share the machine's conditions)."""
+    runners = {}
+    for method in distill.METHODS:
+        trainer, data, context = build(f"distill_cached:{method}", batch, 8 * batch)
+        data = train.replicate(data, trainer.mesh)
+        order = jnp.arange(8 * batch).reshape(8, batch)
+        sums = trainer.metric_sums(dict.fromkeys(trainer.metric_names(data, context), 0.0))
+        runners[method] = _runner(trainer, data, context, order, sums, steps_per_round)
+    times = {method: [] for method in runners}
+    for _ in range(rounds):
+        for method, run in runners.items():
+            times[method].append(run())
+    kd = np.median(times["kd"])
+    return {method: round(float(np.median(t) / kd), 3) for method, t in times.items()}
 
 
 def _runner(trainer, data, context, order, sums, steps_per_round):
@@ -304,6 +323,10 @@ def main(argv=None) -> dict:
         "--ablations", action="store_true",
         help="also time the teacher and VAE steps without each of their parts (batch 512)",
     )  # fmt: skip
+    p.add_argument(
+        "--methods", action="store_true",
+        help="also time every distillation method's cached step against KD's",
+    )  # fmt: skip
     args = p.parse_args(argv)
     # No persistent compilation cache here: compile_s is a cold compile.
 
@@ -332,13 +355,22 @@ def main(argv=None) -> dict:
         }
     if args.epoch:
         out["epoch_seconds"] = {s: epoch_seconds(s) for s in args.steps.split(",")}
+    if args.methods:
+        out["methods_over_kd"] = {
+            b: methods_over_kd(int(b), args.rounds) for b in args.batch_sizes.split(",")
+        }
     if args.ablations:
         out["ablations_ms"] = {s: ablate(s, 512, args.rounds) for s in ABLATIONS}
     if args.json:
         print(json.dumps(out, indent=1))
     else:
         print(f"GEMM: {out['gemm_gflops']} GFLOP/s on {out['device']}")
-        for k in ("distill_cached_over_student", "epoch_seconds", "ablations_ms"):
+        for k in (
+            "distill_cached_over_student",
+            "methods_over_kd",
+            "epoch_seconds",
+            "ablations_ms",
+        ):
             if k in out:
                 print(f"{k}: {out[k]}")
     return out

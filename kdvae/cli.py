@@ -77,6 +77,8 @@ def setup(distributed: bool = False) -> None:
                 f"--distributed: KDVAE_PROCESS_ID={index} must be below "
                 f"KDVAE_NUM_PROCESSES={count}."
             )
+        if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes
         try:
             jax.distributed.initialize(
                 coordinator_address=os.environ.get("JAX_COORDINATOR_ADDRESS"),

@@ -129,6 +129,14 @@ def _base_type(hint: Any) -> tuple[type, bool]:
     return typing.get_origin(hint) or hint, optional
 
 
+def _element_type(hint: Any) -> type:
+    """``str`` for ``tuple[str, ...]`` (or ``tuple[str, ...] | None``)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        (hint,) = [a for a in args if a is not type(None)]
+    return typing.get_args(hint)[0]
+
+
 def _check_field(field: dataclasses.Field, hint: Any, value: Any) -> None:
     base, optional = _base_type(hint)
     name = flag_name(field)
@@ -214,6 +222,11 @@ def int_list(text: str) -> tuple[int, ...]:
         ) from err
 
 
+def str_list(text: str) -> tuple[str, ...]:
+    """``"kd, dkd"`` -> ``("kd", "dkd")`` (for argparse)."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) -> None:
     base, _ = _base_type(hint)
     meta = field.metadata
@@ -222,6 +235,8 @@ def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, hint: A
     kwargs["help"] = argparse.SUPPRESS if meta["hidden"] else text
     if base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
+    elif base is tuple and _element_type(hint) is str:
+        kwargs.update(type=str_list, metavar="A,B")
     elif base is tuple:
         kwargs.update(type=int_list, metavar="I,J")
     else:

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 from flax import nnx
 
 from kdvae import data, losses, models, train
@@ -25,9 +26,12 @@ __all__ = [
     "bias_shift",
     "classification_loss",
     "distillation_objective",
+    "method_loss",
     "format_table",
     "load_teacher",
+    "interval",
     "make_classifier",
+    "over_seeds",
     "predict",
     "summary",
     "unseen_report",
@@ -58,39 +62,129 @@ def classification_loss(*, jitter_pixels: int = 0):
     return loss_fn
 
 
+#: The distillation methods, each a soft term over the logits plus the hard-label
+#: cross-entropy (see :func:`method_loss` for their hyperparameters and papers).
+METHODS = ("kd", "dkd", "dist", "kd_ls", "reverse_kl", "jsd", "logit_matching")
+
+#: The methods' hyperparameters as their papers set them: DKD's CIFAR-100 runs (T = 4,
+#: TCKD weight 1, NCKD weight 8, a 20-epoch warm-up), DIST's ImageNet runs (T = 1, both
+#: weights 1), logit standardization's KD runs (base temperature 2, CE weight 0.1 and KD
+#: weight 9, so a hard-label share of 0.1 / 9.1), GKD's JSD (beta = 0.5); and Hinton's
+#: KD at T = 4 with equal hard and soft weights.
+DEFAULT_HYPERPARAMETERS = {
+    "temperature": 4.0,
+    "alpha": 0.5,
+    "soft_loss": "kl",
+    "dkd_temperature": 4.0,
+    "dkd_alpha": 1.0,
+    "dkd_beta": 8.0,
+    "dkd_warmup": 20,
+    "dist_temperature": 1.0,
+    "dist_beta": 1.0,
+    "dist_gamma": 1.0,
+    "ls_temperature": 2.0,
+    "ls_alpha": 0.1 / 9.1,
+    "jsd_beta": 0.5,
+}
+
+
+def _hard(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return losses.tempered_cross_entropy(logits, labels).mean()
+
+
+def method_loss(method: str, hyper: dict[str, Any]):
+    """``(student [B, C], teacher [B, C], labels [B], warmup []) -> loss []`` of ``method``.
+
+    ``hyper`` holds the method's hyperparameters (see :data:`DEFAULT_HYPERPARAMETERS`;
+    ``warmup`` ramps DKD's weight from 0 to 1, as the paper's code does; the other
+    methods ignore it):
+
+    * ``kd`` (Hinton et al. 2015): ``temperature``, ``alpha`` (hard weight),
+      ``soft_loss``: :func:`kdvae.losses.distillation_loss`.
+    * ``dkd`` (Zhao et al. 2022): CE + ``warmup * (dkd_alpha TCKD + dkd_beta NCKD)`` at
+      ``dkd_temperature``: :func:`kdvae.losses.decoupled_kd_loss`.
+    * ``dist`` (Huang et al. 2022): CE + DIST with ``dist_beta`` (inter-class),
+      ``dist_gamma`` (intra-class) at ``dist_temperature``; one value per batch.
+    * ``kd_ls`` (Sun et al. 2024): ``ls_alpha`` CE + ``(1 - ls_alpha)`` KD between the
+      standardized logits at the base temperature ``ls_temperature``.
+    * ``reverse_kl``, ``jsd`` (GKD, Agarwal et al. 2024) and ``logit_matching`` (Ba &
+      Caruana 2014): ``alpha`` CE + ``(1 - alpha)`` soft term, at ``temperature``
+      (``jsd_beta`` the teacher's weight in the JSD mixture).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    h = hyper
+    if method == "kd":
+        return lambda s, t, y, warmup: losses.distillation_loss(
+            s, t, y, temperature=h["temperature"], alpha=h["alpha"], soft_loss=h["soft_loss"]
+        ).mean()
+    soft = _soft_term(method, h)
+    if method == "dkd":  # the papers add the cross-entropy at weight 1
+        return lambda s, t, y, warmup: _hard(s, y) + warmup * soft(s, t, y)
+    if method == "dist":
+        return lambda s, t, y, warmup: _hard(s, y) + soft(s, t, y)
+    alpha = h["ls_alpha"] if method == "kd_ls" else h["alpha"]
+    return lambda s, t, y, warmup: alpha * _hard(s, y) + (1.0 - alpha) * soft(s, t, y)
+
+
+def _soft_term(method: str, h: dict[str, Any]):
+    """The soft term of ``method`` (not ``kd``), a batch mean: ``(student, teacher,
+    labels) -> []``."""
+    terms = {
+        "dkd": lambda s, t, y: losses.decoupled_kd_loss(
+            s, t, y, temperature=h["dkd_temperature"], alpha=h["dkd_alpha"], beta=h["dkd_beta"]
+        ).mean(),
+        "dist": lambda s, t, y: losses.dist_loss(
+            s, t, temperature=h["dist_temperature"], beta=h["dist_beta"], gamma=h["dist_gamma"]
+        ),
+        "kd_ls": lambda s, t, y: losses.distillation_loss(
+            losses.standardize_logits(s),
+            losses.standardize_logits(t),
+            temperature=h["ls_temperature"],
+        ).mean(),
+        "reverse_kl": lambda s, t, y: losses.reverse_kl_loss(
+            s, t, temperature=h["temperature"]
+        ).mean(),
+        "jsd": lambda s, t, y: losses.generalized_jsd_loss(
+            s, t, beta=h["jsd_beta"], temperature=h["temperature"]
+        ).mean(),
+        "logit_matching": lambda s, t, y: losses.logit_matching_loss(s, t).mean(),
+    }
+    return terms[method]
+
+
 def distillation_objective(
+    method: str = "kd",
+    hyper: dict[str, Any] | None = None,
     *,
-    temperature: float,
-    alpha: float,
-    soft_loss: str = "kl",
     teacher_graphdef: nnx.GraphDef | None = None,
     jitter_pixels: int = 0,
 ):
-    """Hinton's objective for a student (:func:`kdvae.losses.distillation_loss`), batch mean.
+    """A student's objective: :func:`method_loss` of ``method``, over a batch.
 
-    ``alpha`` weights the hard-label term. The teacher's logits come from
-    ``batch["teacher_logits"]`` when the transfer set's logits were cached, else from
-    running the frozen teacher (``nnx.merge(teacher_graphdef, context["teacher"])``, in
-    evaluation mode) on the same inputs as the student.
+    The teacher's logits come from ``batch["teacher_logits"]`` when the transfer set's
+    logits were cached, else from running the frozen teacher
+    (``nnx.merge(teacher_graphdef, context["teacher"])``, in evaluation mode) on the same
+    inputs as the student. ``hyper`` overrides :data:`DEFAULT_HYPERPARAMETERS`; DKD's
+    term is ramped up over ``dkd_warmup`` epochs from ``context["epoch"]`` (0-based).
     """
-    losses.check_distillation_settings(temperature, alpha, soft_loss)  # now, not at trace
+    hyper = {**DEFAULT_HYPERPARAMETERS, **(hyper or {})}
+    if method == "kd":  # now, not at trace time
+        losses.check_distillation_settings(hyper["temperature"], hyper["alpha"], hyper["soft_loss"])
+    loss_of = method_loss(method, hyper)
 
     def loss_fn(model: nnx.Module, batch: dict, key: jax.Array, context: Any):
         jitter_key, dropout_key = jax.random.split(key)
         x = data.jitter(jitter_key, data.to_unit_float(batch["images"]), max_shift=jitter_pixels)
+        context = context or {}
         if "teacher_logits" in batch:
             teacher_logits = batch["teacher_logits"]
         else:
             teacher_logits = nnx.merge(teacher_graphdef, context["teacher"])(x, inference=True)
         logits = model(x, key=dropout_key)
-        loss = losses.distillation_loss(
-            logits,
-            teacher_logits,
-            batch["labels"],
-            temperature=temperature,
-            alpha=alpha,
-            soft_loss=soft_loss,
-        ).mean()
+        epoch = context.get("epoch", hyper["dkd_warmup"])
+        warmup = jnp.minimum((epoch + 1) / max(hyper["dkd_warmup"], 1), 1.0)
+        loss = loss_of(logits, teacher_logits, batch["labels"], warmup)
         agreement = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1))
         return loss, {"accuracy": _accuracy(logits, batch["labels"]), "agreement": agreement}
 
@@ -243,8 +337,14 @@ def unseen_report(model, ds: data.Dataset, unseen: Sequence[int]) -> dict:
 # ------------------------------------------------------------------------ report
 
 
-def figures(workdir: Path, teacher: nnx.Module, ds: data.Dataset, log: train.MetricsLog):
-    """The temperature, dark-knowledge and training-curve figures."""
+def figures(
+    workdir: Path,
+    teacher: nnx.Module,
+    ds: data.Dataset,
+    log: train.MetricsLog,
+    stages: Sequence[str] | None = None,
+):
+    """The temperature, dark-knowledge and training-curve (of ``stages``) figures."""
     from kdvae import plots
 
     logits = np.arange(1.0, 6.0)  # an illustrative example: z = 1, ..., 5
@@ -265,27 +365,75 @@ def figures(workdir: Path, teacher: nnx.Module, ds: data.Dataset, log: train.Met
         true_label=int(ds.test.labels[index]),
     )
     keys = ("train_loss", "val_accuracy")
-    plots.training_curves(workdir / "training_curves.png", log.rows(), keys=keys)
+    plots.training_curves(workdir / "training_curves.png", log.rows(), keys=keys, stages=stages)
+
+
+def interval(values: Sequence[float]) -> dict[str, Any]:
+    """``{"mean", "std", "ci95", "n", "values"}`` of per-seed ``values``: the sample
+    standard deviation and Student's t 95 % interval for the mean (both ``None`` for
+    one value)."""
+    v = np.asarray(values, dtype=np.float64)
+    out = {"mean": float(v.mean()), "std": None, "ci95": None, "n": len(v), "values": list(values)}
+    if len(v) > 1:
+        std = float(v.std(ddof=1))
+        half = float(scipy.stats.t.ppf(0.975, len(v) - 1)) * std / np.sqrt(len(v))
+        out |= {"std": std, "ci95": [out["mean"] - half, out["mean"] + half]}
+    return out
+
+
+def over_seeds(runs: Sequence[dict], seeds: Sequence[int] | None = None) -> dict[str, Any]:
+    """One model's :func:`summary` over seeds: every run's numbers and an
+    :func:`interval` of the test errors, accuracies and best epochs."""
+    out: dict[str, Any] = {"seeds": list(seeds) if seeds is not None else None, "runs": list(runs)}
+    out["params"] = runs[0]["params"]
+    out["seconds"] = round(sum(r["seconds"] for r in runs), 1)
+    for key in ("test_errors", "test_accuracy", "val_accuracy"):
+        out[key] = interval([r[key] for r in runs])
+    if "unseen" in runs[0]:
+        unseen = [r["unseen"] for r in runs]
+        out["unseen"] = {"classes": unseen[0]["classes"]}
+        for when in ("before", "after"):
+            out["unseen"][when] = {
+                key: interval([u[when][key] for u in unseen])
+                for key in ("test_errors", "unseen_accuracy")
+            }
+    return out
+
+
+def _mean_std(stats: dict, digits: int = 1) -> str:
+    if stats["std"] is None:
+        return f"{stats['mean']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """Hinton-style table: model, parameters, test errors, accuracies, seconds."""
+    """Hinton-style table: each model's parameters, test errors (mean ± std over seeds,
+    95 % interval), mean accuracies and seconds; the unseen classes, if any."""
     header = (
-        f"{'model':<10} {'params':>10} {'errors':>7} {'test_acc':>9} {'val_acc':>9} {'seconds':>8}"
+        f"{'model':<15} {'params':>10} {'test errors':>15} {'95% CI':>17} {'test_acc':>9}"
+        f" {'val_acc':>8} {'seeds':>5} {'seconds':>8}"
     )
     lines = [header, "-" * len(header)]
-    for name in ("teacher", "student", "distilled"):
-        r = results[name]
+    names = ["teacher", "student", *results.get("methods", [])]
+    for name in names:
+        r, e = results[name], results[name]["test_errors"]
+        ci = "" if e["ci95"] is None else f"[{e['ci95'][0]:.1f}, {e['ci95'][1]:.1f}]"
         lines.append(
-            f"{name:<10} {r['params']:>10,} {r['test_errors']:>7} {r['test_accuracy']:>9.4f}"
-            f" {r['val_accuracy']:>9.4f} {r['seconds']:>8.1f}"
+            f"{name:<15} {r['params']:>10,} {_mean_std(e):>15} {ci:>17}"
+            f" {r['test_accuracy']['mean']:>9.4f} {r['val_accuracy']['mean']:>8.4f}"
+            f" {e['n']:>5} {r['seconds']:>8.1f}"
         )
-    for name, u in results.get("unseen", {}).items():
-        b, a = u["before"], u["after"]
-        lines.append(
-            f"unseen classes {u['classes']} ({name}): {b['test_errors']} errors, "
-            f"{b['unseen_accuracy']:.1%} of them right; after a bias shift of "
-            f"{a['bias_shift']} (chosen on validation): {a['test_errors']} errors, "
-            f"{a['unseen_accuracy']:.1%} right"
-        )
+    lines += [
+        _unseen_line(name, results[name]["unseen"]) for name in names if "unseen" in results[name]
+    ]
     return "\n".join(lines)
+
+
+def _unseen_line(name: str, u: dict) -> str:
+    b, a = u["before"], u["after"]
+    return (
+        f"unseen classes {u['classes']} ({name}): {_mean_std(b['test_errors'])} errors, "
+        f"{b['unseen_accuracy']['mean']:.1%} of them right; after the bias shift chosen on "
+        f"validation: {_mean_std(a['test_errors'])} errors, "
+        f"{a['unseen_accuracy']['mean']:.1%} right"
+    )

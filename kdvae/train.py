@@ -630,6 +630,8 @@ def _check_something_intact(checkpointer: Checkpointer) -> None:
 def check_finite_results(results: Mapping[str, Any], where: str = "results") -> None:
     """``NonFiniteError`` naming the first NaN or infinite number in ``results``."""
     for key, value in results.items():
+        if isinstance(value, list):
+            value = {f"{i}": item for i, item in enumerate(value)}
         if isinstance(value, Mapping):
             check_finite_results(value, f"{where}.{key}")
         elif isinstance(value, float) and not math.isfinite(value):

@@ -205,11 +205,11 @@ def finish(example: str, workdir: Path, data_dir: Path, *, resume=True, argv=Non
 def checkpoint_steps(workdir: Path) -> dict[str, list[int]]:
     """Committed checkpoint steps of every stage (orbax names them by step)."""
     return {
-        stage.name: sorted(
-            int(p.name) for p in (stage / "checkpoints").iterdir() if p.name.isdigit()
+        str(folder.parent.relative_to(workdir)): sorted(
+            int(p.name) for p in folder.iterdir() if p.name.isdigit()
         )
-        for stage in sorted(workdir.iterdir())
-        if (stage / "checkpoints").is_dir()
+        for folder in sorted(workdir.rglob("checkpoints"))
+        if folder.is_dir()
     }
 
 
@@ -265,8 +265,8 @@ def headline(workdir: Path, example: str) -> dict:
     if example == "vae":
         return {k: r[k] for k in ("test_neg_elbo", "test_nll", "kl", "best_epoch")}
     return {
-        f"{m}_test_errors": r[m]["test_errors"] for m in ("teacher", "student", "distilled")
-    } | {"distilled_val_accuracy": r["distilled"]["val_accuracy"]}
+        f"{m}_test_errors": r[m]["test_errors"]["mean"] for m in ("teacher", "student", "kd")
+    } | {"kd_val_accuracy": r["kd"]["val_accuracy"]["mean"]}
 
 
 # --------------------------------------------------------------------------- scenarios

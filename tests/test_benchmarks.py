@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import load_script
 
-from kdvae import kernels
+from kdvae import distill, kernels
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_steps_json_reports_every_field(steps):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         result = steps.main(["--json", "--steps", "student,distill_cached,vae",
-                             "--batch-sizes", "16", "--rounds", "2"])  # fmt: skip
+                             "--batch-sizes", "16", "--rounds", "2", "--methods"])  # fmt: skip
     assert json.loads(out.getvalue()) == result
     assert result["device"] and result["devices"] >= 1 and result["gemm_gflops"] > 0
     for step in ("student", "distill_cached", "vae"):
@@ -52,6 +52,9 @@ def test_steps_json_reports_every_field(steps):
         assert r["ms_per_step"] > 0 and r["samples_per_s"] > 0 and r["compile_s"] > 0
         assert 0 < r["fraction_of_gemm"] and 0 < r["matmul_bound"] and 0 < r["matmul_share"]
         assert r["planned_bytes"] > 0
+    ratios = result["methods_over_kd"]["16"]
+    assert ratios.keys() == set(distill.METHODS) and ratios["kd"] == 1.0
+    assert all(r > 0 for r in ratios.values())
     ratio = result["distill_cached_over_student"]["16"]
     assert ratio == pytest.approx(
         result["distill_cached"]["16"]["ms_per_step"] / result["student"]["16"]["ms_per_step"],

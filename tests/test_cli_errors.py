@@ -346,9 +346,8 @@ def test_batch_larger_than_the_transfer_set(data_dir, tmp_path):
 def test_existing_checkpoints_need_resume(distill_run, vae_run, data_dir):
     line = refused("distill", ["--data-dir", data_dir, "--workdir", distill_run, *DISTILL_SMALL],
                    distill_run)  # fmt: skip
-    assert (
-        f"--workdir {distill_run} holds checkpoints of an earlier run (teacher, student, " in line
-    )
+    earlier = "holds checkpoints of an earlier run (teacher, student/seed_0, kd/seed_0)"
+    assert f"--workdir {distill_run} {earlier}" in line
     assert "pass --resume to continue it" in line
     line = refused("vae", ["--data-dir", data_dir, "--workdir", vae_run, *VAE_SMALL], vae_run)
     assert "holds checkpoints of an earlier run (vae)" in line

@@ -20,13 +20,14 @@ from conftest import NOISY_TEST_LABELS, load_script
 from test_data import mock_tfds
 
 from kdvae import data as kdata
-from kdvae import train
+from kdvae import distill, train
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 REPO = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
-STAGES = ("teacher", "student", "distilled")
+STAGES = ("teacher", "student/seed_0", "kd/seed_0")  # metrics and checkpoints
+MODELS = ("teacher", "student", "kd")  # results
 TINY = ["--val-size", "200", "--batch-size", "32", "--no-progress"]  # 600/200/200 examples
 
 
@@ -73,13 +74,19 @@ def assert_pngs(workdir: Path, names) -> None:
         assert (workdir / name).read_bytes()[:8] == PNG, name
 
 
+def strip_seconds(value):
+    """``value`` (results, nested) less every ``"seconds"``: the wall-clock times."""
+    if isinstance(value, dict):
+        return {k: strip_seconds(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [strip_seconds(v) for v in value]
+    return value
+
+
 def without(results: dict, *keys: str) -> dict:
     """``results`` less the wall-clock times and the given config keys (for comparisons)."""
-    out = {}
-    for name, value in results.items():
-        if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in ("seconds", *keys)}
-        out[name] = value
+    out = strip_seconds(results)
+    out["config"] = {k: v for k, v in out["config"].items() if k not in keys}
     return out
 
 
@@ -99,21 +106,23 @@ def distill_run(distill_example, tiny_idx_dir, tmp_path_factory):
 def test_distill_writes_results_metrics_figures_checkpoints(distill_run, tiny_idx_dir):
     workdir, _, stdout = distill_run
     results = read_results(workdir)
-    for stage in STAGES:
-        r = results[stage]
+    for name in MODELS:
+        (r,) = results[name]["runs"]  # one seed
         assert {"test_errors", "test_accuracy", "val_accuracy", "params", "seconds"} <= set(r)
         assert r["test_accuracy"] == 1 - r["test_errors"] / 200
         assert r["test_accuracy"] > 0.5 and r["val_accuracy"] > 0.5  # chance is 0.1
         # Not perfect: NOISY_TEST_LABELS test labels are wrong (a model can match a few).
         assert r["test_errors"] >= NOISY_TEST_LABELS // 2
         assert r["best_epoch"] == 1
-        assert stage in stdout
-    assert results["student"]["params"] == results["distilled"]["params"] == 1_276_810
+        stats = results[name]["test_errors"]
+        assert stats == {"mean": r["test_errors"], "std": None, "ci95": None, "n": 1,
+                         "values": [r["test_errors"]]}  # fmt: skip
+        assert results[name]["seeds"] == (None if name == "teacher" else [0])
+        assert name in stdout
+    assert results["student"]["params"] == results["kd"]["params"] == 1_276_810
     assert results["teacher"]["params"] == 421_642  # the quick preset's CNN teacher
-    assert results["teacher_margin_errors"] == (
-        results["student"]["test_errors"] - results["teacher"]["test_errors"]
-    )
-    assert "unseen" not in results
+    assert results["methods"] == ["kd"]
+    assert not any("unseen" in results[name] for name in MODELS)
     config = results["config"]
     assert config["data_dir"] == str(tiny_idx_dir) and config["val_size"] == 200
     assert (config["teacher_epochs"], config["student_epochs"], config["batch_size"]) == (1, 1, 32)
@@ -160,6 +169,43 @@ def test_distill_resume_of_a_finished_run_trains_nothing(
     assert metrics_rows(copy) == metrics_rows(workdir)
 
 
+def test_distill_resume_adds_methods_and_seeds_and_reports_intervals(
+    distill_example, distill_run, tmp_path
+):
+    """A finished one-seed KD run, resumed with every method over two seeds: the finished
+    stages are reused as they are, the new ones trained, and each model reported over
+    its seeds (mean, std, 95 % interval) with every seed's numbers kept."""
+    workdir, argv, _ = distill_run
+    base = read_results(workdir)
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    argv = [copy if a == workdir else a for a in argv]
+    methods = ",".join(distill.METHODS)
+    stdout = run_main(distill_example, [*argv, "--resume", "--methods", methods, "--seeds", 2])
+    results = read_results(copy)
+    assert results["methods"] == list(distill.METHODS)
+    for name in ("teacher", "student", "kd"):  # reused: seed 0 as before
+        assert strip_seconds(results[name]["runs"][0]) == strip_seconds(base[name]["runs"][0])
+    for name in ("student", *distill.METHODS):
+        r = results[name]
+        assert r["seeds"] == [0, 1] and len(r["runs"]) == 2
+        errors = [run["test_errors"] for run in r["runs"]]
+        stats = r["test_errors"]
+        assert stats["values"] == errors and stats["mean"] == np.mean(errors)
+        assert stats["std"] == pytest.approx(np.std(errors, ddof=1))
+        low, high = stats["ci95"]
+        assert low <= stats["mean"] <= high and high - low == pytest.approx(
+            2 * 12.706204736 * stats["std"] / np.sqrt(2), rel=1e-6
+        )  # t(0.975, 1)
+        assert all(run["test_errors"] >= NOISY_TEST_LABELS // 2 for run in r["runs"])
+        assert all(run["val_accuracy"] > 0.5 for run in r["runs"])
+        assert name in stdout
+    stages = [row["stage"] for row in metrics_rows(copy)]
+    new = [f"{n}/seed_{k}" for n in ("student", *distill.METHODS) for k in (0, 1)]
+    new = [s for s in new if s not in STAGES]
+    assert stages == [*STAGES, *new]  # the old stages not retrained
+
+
 def test_distill_reuses_a_teacher_checkpoint(distill_example, distill_run, tmp_path):
     workdir, argv, _ = distill_run
     base = read_results(workdir)
@@ -167,14 +213,14 @@ def test_distill_reuses_a_teacher_checkpoint(distill_example, distill_run, tmp_p
     argv = [other if a == workdir else a for a in argv]
     run_main(distill_example, [*argv, "--teacher-checkpoint", workdir / "teacher" / "checkpoints"])
     results = read_results(other)
-    assert results["teacher"]["best_epoch"] is None  # loaded, not trained
+    assert results["teacher"]["runs"][0]["best_epoch"] is None  # loaded, not trained
     for key in ("test_errors", "val_accuracy", "params"):
         assert results["teacher"][key] == base["teacher"][key]
     # The same teacher and seed: the students are the same, bit for bit.
-    for stage in ("student", "distilled"):
-        assert without(results)[stage] == without(base)[stage]
+    for name in ("student", "kd"):
+        assert strip_seconds(results[name]) == strip_seconds(base[name])
     assert not (other / "teacher").exists()
-    assert [r["stage"] for r in metrics_rows(other)] == ["student", "distilled"]
+    assert [r["stage"] for r in metrics_rows(other)] == list(STAGES[1:])
     assert_pngs(other, ("dark_knowledge.png",))
 
     # A checkpoint of another architecture is refused, naming the flag.
@@ -198,8 +244,8 @@ def test_distill_cached_teacher_and_omitted_class(
     assert results["config"]["cache_teacher"] is True
     assert results["config"]["omit_classes"] == [3]
     ds = kdata.load_dataset("mnist", data_dir=tiny_idx_dir, val_size=200)
-    for name in ("student", "distilled"):
-        unseen = results["unseen"][name]
+    for name in ("student", "kd"):
+        unseen = results[name]["runs"][0]["unseen"]
         before, after = unseen["before"], unseen["after"]
         assert unseen["classes"] == [3]
         assert before["unseen_count"] == after["unseen_count"] == int(np.sum(ds.test.labels == 3))
@@ -209,12 +255,12 @@ def test_distill_cached_teacher_and_omitted_class(
         assert after["unseen_accuracy"] >= before["unseen_accuracy"]
     # Hinton et al.'s observation: the student that never saw a 3 never says 3; the
     # distilled one learnt about 3s from the teacher's soft targets alone.
-    student, distilled = (results["unseen"][n]["before"] for n in ("student", "distilled"))
+    student, distilled = (results[n]["runs"][0]["unseen"]["before"] for n in ("student", "kd"))
     assert student["unseen_accuracy"] < 0.2
     assert distilled["unseen_accuracy"] > student["unseen_accuracy"] + 0.3
     # The students train on fewer rows (no 3s): fewer steps per epoch.
     transfer = len(ds.train) - int(np.sum(ds.train.labels == 3))
-    ckpt = train.Checkpointer(other / "distilled" / "checkpoints", read_only=True)
+    ckpt = train.Checkpointer(other / "kd" / "seed_0" / "checkpoints", read_only=True)
     assert ckpt.latest_step() == transfer // 32 < 600 // 32
     assert [r["stage"] for r in metrics_rows(other)] == list(STAGES)
 

@@ -45,7 +45,7 @@ def test_distilled_student_beats_the_student_alone(fashion_mnist, tmp_path, comp
         progress=False,
     )  # fmt: skip
     results = example.experiment(settings, fashion_mnist)
-    teacher, student, distilled = (results[k] for k in ("teacher", "student", "distilled"))
+    teacher, student, distilled = (results[k]["runs"][0] for k in ("teacher", "student", "kd"))
     assert teacher["test_accuracy"] >= 0.875
     assert teacher["test_errors"] < student["test_errors"]
     assert distilled["test_errors"] <= student["test_errors"] - 20

@@ -74,7 +74,7 @@ def setup(kind, mesh):
         context = lambda epoch: {"teacher": teacher_state}
         model = models.MLPClassifier((32,), rngs=rngs)
         loss_fn = distill.distillation_objective(
-            temperature=2.0, alpha=0.5, teacher_graphdef=graphdef)
+            "kd", {"temperature": 2.0, "alpha": 0.5}, teacher_graphdef=graphdef)
     else:
         model = models.VAE(encoder_widths=(32,), decoder_widths=(32,), latents=4, rngs=rngs)
         loss_fn = vae.objective(kl_warmup_epochs=2)
@@ -242,17 +242,17 @@ def test_distill_example_on_four_devices_gives_the_one_device_numbers(tiny_idx_d
                             cache=tmp_path / "cache")  # fmt: skip
     results_1, rows_1 = run(1, workdir=tmp_path / "one")
     results_4, rows_4 = run(4, workdir=tmp_path / "four")
-    for stage in ("teacher", "student"):
-        assert_same_numbers(results_1[stage], results_4[stage])
+    for name, stage in (("teacher", "teacher"), ("student", "student/seed_0")):
+        assert_same_numbers(results_1[name], results_4[name])
         assert_same_rows([r for r in rows_1 if r["stage"] == stage],
                          [r for r in rows_4 if r["stage"] == stage])  # fmt: skip
     teacher = tmp_path / "one" / "teacher" / "checkpoints"
     shared_4, shared_rows_4 = run(
         4, workdir=tmp_path / "shared", extra=["--teacher-checkpoint", teacher]
     )
-    assert_same_numbers(results_1["distilled"], shared_4["distilled"])
-    assert_same_rows([r for r in rows_1 if r["stage"] == "distilled"],
-                     [r for r in shared_rows_4 if r["stage"] == "distilled"])  # fmt: skip
+    assert_same_numbers(results_1["kd"], shared_4["kd"])
+    assert_same_rows([r for r in rows_1 if r["stage"] == "kd/seed_0"],
+                     [r for r in shared_rows_4 if r["stage"] == "kd/seed_0"])  # fmt: skip
 
 
 def test_vae_example_on_four_devices_gives_the_one_device_numbers(tiny_idx_dir, tmp_path):
