@@ -218,6 +218,15 @@ def student_rows(run: Run, teacher: nnx.Module, transfer: data.Split) -> tuple[d
     return rows, lambda epoch: {"epoch": jnp.int32(epoch), "teacher": teacher_state}
 
 
+def train_student(run: Run, name: str, seed: int, teacher, rows: dict, context):
+    """The student alone (``name`` "student", on the hard labels of ``rows``) or
+    distilled by the method ``name``, at ``seed``: its best model and fit."""
+    if name == "student":
+        plain = {"images": rows["images"], "labels": rows["labels"]}
+        return train_stage(run, name, plain, distill.classification_loss(), seed=seed)
+    return distilled_stage(run, name, teacher, rows, context, seed)
+
+
 def distilled_stage(run: Run, method: str, teacher, rows: dict, context, seed: int):
     """The student trained on the teacher's soft targets by ``method``."""
     s = run.settings
@@ -277,24 +286,26 @@ def train_and_report(run: Run, transfer: data.Split, teacher: nnx.Module | None)
 
     # 3. The student alone on the transfer set's hard labels (the baseline), and the same
     # student distilled by each method; each once per seed.
-    unseen = sorted(set(range(ds.num_classes)) - set(np.unique(transfer.labels).tolist()))
     rows, context = student_rows(run, teacher, transfer)
     for name in ("student", *s.methods):
-        runs = []
-        for seed in seeds(s):
-            t0 = time.perf_counter()
-            if name == "student":
-                plain = {"images": transfer.images, "labels": transfer.labels}
-                model, fitted = train_stage(
-                    run, name, plain, distill.classification_loss(), seed=seed
-                )
-            else:
-                model, fitted = distilled_stage(run, name, teacher, rows, context, seed)
-            runs.append(distill.summary(model, ds, fitted, time.perf_counter() - t0))
-            if unseen:
-                runs[-1]["unseen"] = distill.unseen_report(model, ds, unseen)
+        runs = student_runs(run, name, seeds(s), teacher, rows, context)
         results[name] = distill.over_seeds(runs, list(seeds(s)))
     return write_results(run, results, teacher)
+
+
+def student_runs(run: Run, name: str, seeds: range, teacher, rows: dict, context) -> list:
+    """The student ``name`` trained at each seed: each run's :func:`distill.summary`, and
+    its report on the classes ``rows`` lack (if any)."""
+    ds = run.ds
+    unseen = sorted(set(range(ds.num_classes)) - set(np.unique(rows["labels"]).tolist()))
+    runs = []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        model, fitted = train_student(run, name, seed, teacher, rows, context)
+        runs.append(distill.summary(model, ds, fitted, time.perf_counter() - t0))
+        if unseen:
+            runs[-1]["unseen"] = distill.unseen_report(model, ds, unseen)
+    return runs
 
 
 def write_results(run: Run, results: dict, teacher: nnx.Module) -> dict:

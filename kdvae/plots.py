@@ -144,14 +144,15 @@ def _by_temperature(
     return [t for t, _ in items], np.stack(probs)
 
 
-def _grouped_bars(ax, temperatures: Sequence[float], probs_TxC: np.ndarray) -> np.ndarray:
-    """One group of bars per class, one bar per temperature; returns the groups' x."""
-    x = np.arange(probs_TxC.shape[1])
-    width = 0.8 / len(temperatures)
-    colors = _colors("viridis", len(temperatures))
-    for k, (t, p) in enumerate(zip(temperatures, probs_TxC)):
-        offset = (k - (len(temperatures) - 1) / 2) * width
-        ax.bar(x + offset, p, width, color=colors[k], label=f"T = {t:g}")
+def _grouped_bars(ax, labels: Sequence[str], values_SxG: np.ndarray, colors=None) -> np.ndarray:
+    """One group of bars per column of ``values_SxG``, one bar per series (row, named
+    by ``labels``); returns the groups' x."""
+    x = np.arange(values_SxG.shape[1])
+    width = 0.8 / len(labels)
+    colors = colors or _colors("viridis", len(labels))
+    for k, (label, v) in enumerate(zip(labels, values_SxG)):
+        offset = (k - (len(labels) - 1) / 2) * width
+        ax.bar(x + offset, v, width, color=colors[k], label=label)
     return x
 
 
@@ -199,7 +200,7 @@ def temperature_figure(
 
     fig = _new_figure((max(6.0, 0.9 * num_classes + 2.5), 4.0))
     ax = fig.add_subplot()
-    x = _grouped_bars(ax, temperatures, probs_TxC)
+    x = _grouped_bars(ax, [f"T = {t:g}" for t in temperatures], probs_TxC)
     ax.axhline(1.0 / num_classes, color="0.4", lw=0.8, ls="--", label="uniform")
     ax.set_xticks(x, [f"{i}\n(z = {z:g})" for i, z in enumerate(logits)])
     ax.set_xlabel("class (logit)")
@@ -250,7 +251,7 @@ def dark_knowledge_figure(
         fig = _new_figure((bar_width_in, 3.8))
         ax = fig.add_subplot()
 
-    x = _grouped_bars(ax, temperatures, probs)
+    x = _grouped_bars(ax, [f"T = {t:g}" for t in temperatures], probs)
     ax.set_xticks(x, names)
     if true_label is not None:
         tick = ax.get_xticklabels()[true_label]
@@ -260,6 +261,37 @@ def dark_knowledge_figure(
     ax.set_ylabel("teacher probability")
     ax.set_ylim(0, 1.0)
     ax.set_title("Dark knowledge: the teacher's softened probabilities")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def unseen_classes_figure(
+    path: str | os.PathLike, cases: Sequence[str], accuracy: Mapping[str, Sequence[float]]
+) -> Path:
+    """Grouped bars: per case (e.g. the omitted class), the accuracy on the classes the
+    transfer set lacked, for each series (e.g. ``"distilled, after the shift"``).
+
+    Args:
+      path: where to write the PNG.
+      cases: ``G`` names for the x axis.
+      accuracy: ``{series: [G] accuracies in [0, 1]}``, drawn in this order; pairs of
+        series share a hue (light, then dark).
+
+    Returns:
+      ``Path(path)``.
+    """
+    values = np.asarray(list(accuracy.values()), dtype=np.float64).reshape(len(accuracy), -1)
+    if values.shape[1] != len(cases):
+        raise ValueError(f"unseen_classes_figure needs {len(cases)} values per series")
+    fig = _new_figure((max(6.0, 0.9 * len(cases) + 2.5), 4.0))
+    ax = fig.add_subplot()
+    colors = [colormaps["tab20"](k) for k in (1, 0, 3, 2, 5, 4, 7, 6)]
+    x = _grouped_bars(ax, list(accuracy), values, colors[: len(accuracy)])
+    ax.set_xticks(x, cases)
+    ax.set_xlabel("classes left out of the transfer set")
+    ax.set_ylabel("test accuracy on them")
+    ax.set_ylim(0, 1.0)
+    ax.set_title("Classes the student never saw: before and after the bias shift")
     ax.legend(fontsize="small")
     return _save(fig, path)
 
