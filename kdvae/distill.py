@@ -23,14 +23,16 @@ from flax import nnx
 from kdvae import data, losses, models, train
 
 __all__ = [
+    "DEFAULT_HYPERPARAMETERS",
+    "METHODS",
     "bias_shift",
     "classification_loss",
     "distillation_objective",
-    "method_loss",
     "format_table",
-    "load_teacher",
     "interval",
+    "load_teacher",
     "make_classifier",
+    "method_loss",
     "over_seeds",
     "predict",
     "summary",
@@ -168,6 +170,12 @@ def distillation_objective(
     inputs as the student. ``hyper`` overrides :data:`DEFAULT_HYPERPARAMETERS`; DKD's
     term is ramped up over ``dkd_warmup`` epochs from ``context["epoch"]`` (0-based).
     """
+    unknown = sorted(set(hyper or {}) - set(DEFAULT_HYPERPARAMETERS))
+    if unknown:
+        raise ValueError(
+            f"hyper has unknown names {unknown}; expected names from "
+            f"{sorted(DEFAULT_HYPERPARAMETERS)}."
+        )
     hyper = {**DEFAULT_HYPERPARAMETERS, **(hyper or {})}
     if method == "kd":  # now, not at trace time
         losses.check_distillation_settings(hyper["temperature"], hyper["alpha"], hyper["soft_loss"])

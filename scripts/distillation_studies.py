@@ -4,8 +4,9 @@
 validation. For each method, every setting of its grid (fixed below, before any run)
 trains the student with the first ``--select-seeds`` seeds; the setting with the best
 mean validation accuracy (of the best epoch, itself chosen on validation) is then
-trained with all ``--seeds``. The test split is read only for the report, which gives
-each model's test errors (mean ± std, Student's t 95 % interval) and each method's
+trained with all ``--seeds`` (``--chosen-from``: no grids, the settings an earlier
+comparison chose). The test split is read only for the report, which gives each
+model's test errors (mean ± std, Student's t 95 % interval) and each method's
 difference to KD with Welch's 95 % interval.
 
 ``unseen``: Hinton et al.'s unseen-class experiment, generalized. The student alone and
@@ -99,10 +100,14 @@ class Study:
 # ------------------------------------------------------------------------- compare
 
 
-def compare(study: Study, methods: list[str], seeds: int, select_seeds: int) -> dict:
+def compare(
+    study: Study, methods: list[str], seeds: int, select_seeds: int, chosen: dict | None = None
+) -> dict:
+    """Each method's grid (or only its setting in ``chosen``) chosen on validation, then
+    trained over all ``seeds``."""
     out = {"grids": {}, "chosen": {}, "final": {}}
     for method in methods:
-        grid, scores = GRIDS[method], []
+        grid, scores = [chosen[method]] if chosen else GRIDS[method], []
         for i, hyper in enumerate(grid):
             runs = study.runs(f"{method}-{i}", method, range(select_seeds), **hyper)
             scores.append(float(np.mean([r["val_accuracy"] for r in runs])))
@@ -190,13 +195,19 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--select-seeds", type=int, default=2, help="compare: seeds per setting")
     p.add_argument("--compare-methods", default=",".join(GRIDS), help="compare: which")
+    p.add_argument(
+        "--chosen-from", help="compare: no grids; the settings chosen in this comparison.json"
+    )
     p.add_argument("--omit", type=config.int_list, help="unseen: these classes (default all)")
     p.add_argument("--keep", type=config.int_list, default=(7, 8), help="unseen: two classes")
     args, rest = p.parse_known_args(argv)
     study = Study(rest, args.teacher_checkpoint, args.workdir)
     if args.study == "compare":
         methods = args.compare_methods.split(",")
-        return compare(study, methods, args.seeds, args.select_seeds)
+        chosen = None
+        if args.chosen_from:
+            chosen = json.loads(Path(args.chosen_from).read_text())["chosen"]
+        return compare(study, methods, args.seeds, args.select_seeds, chosen)
     return unseen(study, args.seeds, args.omit, args.keep)
 
 

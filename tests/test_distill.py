@@ -81,9 +81,11 @@ def test_the_objective_ramps_dkd_up_over_its_warmup_epochs(method):
         assert value[0] == value[1] == value[3] == value[9]
 
 
-def test_an_unknown_method_names_the_argument():
+def test_an_unknown_method_or_hyperparameter_names_the_argument():
     with pytest.raises(ValueError, match="method must be one of"):
         distill.method_loss("fitnets", H)
+    with pytest.raises(ValueError, match=r"hyper has unknown names \['temprature'\]"):
+        distill.distillation_objective("kd", {"temprature": 2.0})
 
 
 def test_interval_is_students_t():

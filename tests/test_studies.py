@@ -59,6 +59,10 @@ def test_compare_chooses_on_validation_and_reports_every_seed(
     a, b = out["final"]["student"]["test_errors"]["values"], final["test_errors"]["values"]
     assert out["vs_kd"]["student"] == studies.welch(a, b)
     assert "student" in stdout and "kd: chosen" in stdout
+    # Again with the choices fixed: no grid, the same finished runs (not retrained).
+    again, _ = run(studies, [*argv, "--chosen-from", tmp_path / "comparison.json"])
+    assert again["chosen"] == out["chosen"] and len(again["grids"]["kd"]) == 1
+    assert again["final"]["kd"]["test_errors"] == final["test_errors"]
 
 
 def test_welch_interval_is_scipys(studies):
