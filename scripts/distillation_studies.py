@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 
-from kdvae import config, data, distill, plots, train
+from kdvae import cli, config, data, distill, plots, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -201,14 +201,15 @@ def main(argv=None) -> dict:
     p.add_argument("--omit", type=config.int_list, help="unseen: these classes (default all)")
     p.add_argument("--keep", type=config.int_list, default=(7, 8), help="unseen: two classes")
     args, rest = p.parse_known_args(argv)
-    study = Study(rest, args.teacher_checkpoint, args.workdir)
-    if args.study == "compare":
-        methods = args.compare_methods.split(",")
+    with cli.errors_exit():  # one line and an exit status; a signal stops after a checkpoint
+        study = Study(rest, args.teacher_checkpoint, args.workdir)
+        if args.study == "unseen":
+            return unseen(study, args.seeds, args.omit, args.keep)
         chosen = None
         if args.chosen_from:
             chosen = json.loads(Path(args.chosen_from).read_text())["chosen"]
+        methods = args.compare_methods.split(",")
         return compare(study, methods, args.seeds, args.select_seeds, chosen)
-    return unseen(study, args.seeds, args.omit, args.keep)
 
 
 if __name__ == "__main__":
