@@ -296,6 +296,38 @@ def unseen_classes_figure(
     return _save(fig, path)
 
 
+def intervals_figure(
+    path: str | os.PathLike, intervals: Mapping[str, Mapping], xlabel: str = "test errors"
+) -> Path:
+    """One row per model: its mean (a dot), its 95 % interval (a bar) and every seed's
+    value (small marks), to see at a glance which intervals overlap.
+
+    Args:
+      path: where to write the PNG.
+      intervals: ``{model: {"mean", "ci95": [low, high] or None, "values": [...]}}``, as
+        :func:`kdvae.distill.interval` gives; drawn top to bottom in this order.
+      xlabel: what the numbers are.
+
+    Returns:
+      ``Path(path)``.
+    """
+    if not intervals:
+        raise ValueError("intervals_figure needs at least one model")
+    fig = _new_figure((6.5, 0.45 * len(intervals) + 1.2))
+    ax = fig.add_subplot()
+    for row, stats in enumerate(intervals.values()):
+        y = -row
+        if stats.get("ci95") is not None:
+            ax.plot(stats["ci95"], [y, y], color="tab:blue", lw=2.5, solid_capstyle="butt")
+        values = stats.get("values", [])
+        ax.plot(values, [y] * len(values), "|", color="0.45", ms=9)
+        ax.plot([stats["mean"]], [y], "o", color="tab:blue", ms=6)
+    ax.set_yticks([-row for row in range(len(intervals))], list(intervals))
+    ax.set_xlabel(f"{xlabel}: mean, 95 % interval, each seed")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------------------------
 # Training.
 

@@ -24,8 +24,8 @@ the logit bias shift chosen on validation.
         --dataset fashion_mnist --data-dir /usr/share/datasets/fashion-mnist
 
 Any other flag is the example's (``--student-epochs``, ``--temperature``, ...). Each
-writes ``<study>.json`` (every run's numbers) to --workdir, ``unseen`` also
-``unseen_classes.png``; training resumes from its checkpoints when run again.
+writes ``<study>.json`` (every run's numbers) and a figure to --workdir
+(``comparison.png``, ``unseen_classes.png``); training resumes from its checkpoints when run again.
 """
 
 from __future__ import annotations
@@ -118,6 +118,8 @@ def compare(
         out["final"][method] = distill.over_seeds(runs, list(range(seeds)))
         print(f"{method}: chosen {grid[best]} (validation {scores[best]:.4f})", flush=True)
     print(compare_table(out))
+    errors = {name: r["test_errors"] for name, r in out["final"].items()}
+    plots.intervals_figure(study.workdir / "comparison.png", errors)
     study.write("comparison", out)
     return out
 

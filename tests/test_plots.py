@@ -97,6 +97,30 @@ def test_dark_knowledge_figure_with_and_without_image(tmp_path):
         plots.dark_knowledge_figure(tmp_path / "x.png", {1: np.ones(3) / 3, 5: np.ones(4) / 4})
 
 
+def test_unseen_classes_figure(tmp_path):
+    out = tmp_path / "unseen.png"
+    accuracy = {
+        "student, before": [0.0, 0.1, 0.0],
+        "student, after": [0.3, 0.5, 0.2],
+        "distilled, before": [0.4, 0.6, 0.5],
+        "distilled, after": [0.8, 0.9, 0.7],
+    }
+    _check_png(plots.unseen_classes_figure(out, ["omit 0", "omit 3", "keep 7,8"], accuracy), out)
+    with pytest.raises(ValueError, match="needs 2 values per series"):
+        plots.unseen_classes_figure(tmp_path / "x.png", ["a", "b"], accuracy)
+
+
+def test_intervals_figure(tmp_path):
+    out = tmp_path / "intervals.png"
+    intervals = {
+        "student": {"mean": 1605.0, "ci95": [1584.4, 1625.6], "values": [1592, 1629, 1603]},
+        "kd": {"mean": 1451.6, "ci95": None, "values": [1451.6]},  # one seed: no interval
+    }
+    _check_png(plots.intervals_figure(out, intervals), out)
+    with pytest.raises(ValueError, match="at least one model"):
+        plots.intervals_figure(tmp_path / "x.png", {})
+
+
 def test_training_curves_two_stages_and_missing_keys(tmp_path):
     history = [
         {"stage": "teacher", "epoch": e, "train_loss": 1.0 / e, "val_accuracy": 0.9 + e / 100}

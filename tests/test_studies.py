@@ -48,6 +48,7 @@ def test_compare_chooses_on_validation_and_reports_every_seed(
             "--compare-methods", "student,kd", "--data-dir", tiny_idx_dir, *TINY]  # fmt: skip
     out, stdout = run(studies, argv)
     assert json.loads((tmp_path / "comparison.json").read_text()) == out
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     scores = [g["val_accuracy"] for g in out["grids"]["kd"]]
     assert len(scores) == 3 and out["chosen"]["kd"] == grids["kd"][int(np.argmax(scores))]
     best = int(np.argmax(scores))
