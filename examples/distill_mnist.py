@@ -35,7 +35,9 @@ from kdvae.config import setting
 CLASS_IDS = config.Check("class ids in 0..9", lambda ids: all(0 <= k < 10 for k in ids))
 EPOCHS, LEARNING_RATE = config.between(1, 10_000), config.positive_up_to(1.0)
 TEMPERATURE = config.between(*losses.TEMPERATURE_RANGE)
-STAGES = ("teacher", "student", "distilled")  # the stage index of each kind of model
+# Each model's initialisation is drawn from fold_in(key(seed), index): the distilled
+# students of one seed share theirs (the methods compared from one starting point).
+INIT_INDEX = {"teacher": 0, "student": 1, "distilled": 2}
 METHOD_LIST = config.Check(
     f"comma-separated methods from {', '.join(distill.METHODS)}",
     lambda methods: 0 < len(methods) == len(set(methods)) and set(methods) <= set(distill.METHODS),
@@ -190,7 +192,7 @@ def train_stage(run: Run, name: str, rows: dict, loss_fn, context=None, seed=Non
     The teacher (``seed=None``) uses ``--seed``; every distilled student of one seed
     starts from the same initialisation, the student alone from another.
     """
-    s, index = run.settings, STAGES.index(name if name in STAGES[:2] else "distilled")
+    s, index = run.settings, INIT_INDEX.get(name, INIT_INDEX["distilled"])
     preset, seed = (s.teacher, s.seed) if seed is None else (s.student, seed)
     epochs = s.teacher_epochs if name == "teacher" else s.student_epochs
     model = distill.make_classifier(preset, seed, index)
