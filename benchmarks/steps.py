@@ -180,8 +180,24 @@ def ablate(step: str, batch: int, rounds: int, steps_per_round: int = 5) -> dict
     """
     parts = ABLATIONS[step]
     variants = {"whole": (), **{f"without {p}": (p,) for p in parts}, "without all": parts}
+    builds = {name: (step, without) for name, without in variants.items()}
+    times = _interleaved(builds, batch, rounds, steps_per_round)
+    return {name: round(t * 1e3, 3) for name, t in times.items()}
+
+
+def methods_over_kd(batch: int, rounds: int, steps_per_round: int = 5) -> dict[str, float]:
+    """Each distillation method's cached-logits step time over KD's (medians of
+    interleaved rounds, so the ratios share the machine's conditions)."""
+    builds = {method: (f"distill_cached:{method}", ()) for method in distill.METHODS}
+    times = _interleaved(builds, batch, rounds, steps_per_round)
+    return {method: round(t / times["kd"], 3) for method, t in times.items()}
+
+
+def _interleaved(builds: dict, batch: int, rounds: int, steps_per_round: int) -> dict:
+    """Median seconds per step of each ``{name: (step, without)}``, timed in interleaved
+    rounds so that every variant shares the machine's conditions."""
     runners = {}
-    for name, without in variants.items():
+    for name, (step, without) in builds.items():
         trainer, data, context = build(step, batch, 8 * batch, without)
         data, context = train.replicate((data, context), trainer.mesh)
         order = jnp.arange(8 * batch).reshape(8, batch)
@@ -191,25 +207,7 @@ def ablate(step: str, batch: int, rounds: int, steps_per_round: int = 5) -> dict
     for _ in range(rounds):
         for name, run in runners.items():
             times[name].append(run())
-    return {name: round(float(np.median(t)) * 1e3, 3) for name, t in times.items()}
-
-
-def methods_over_kd(batch: int, rounds: int, steps_per_round: int = 5) -> dict[str, float]:
-    """Each distillation method's cached-logits step time over KD's (medians of
-    interleaved rounds, so the ratios share the machine's conditions)."""
-    runners = {}
-    for method in distill.METHODS:
-        trainer, data, context = build(f"distill_cached:{method}", batch, 8 * batch)
-        data = train.replicate(data, trainer.mesh)
-        order = jnp.arange(8 * batch).reshape(8, batch)
-        sums = trainer.metric_sums(dict.fromkeys(trainer.metric_names(data, context), 0.0))
-        runners[method] = _runner(trainer, data, context, order, sums, steps_per_round)
-    times = {method: [] for method in runners}
-    for _ in range(rounds):
-        for method, run in runners.items():
-            times[method].append(run())
-    kd = np.median(times["kd"])
-    return {method: round(float(np.median(t) / kd), 3) for method, t in times.items()}
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def _runner(trainer, data, context, order, sums, steps_per_round):
