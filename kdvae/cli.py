@@ -8,6 +8,7 @@ Exit status (each failure is one line on stderr, and a checkpoint once written i
 * 3: a loss, parameter or result became NaN or infinite;
 * 4: a file could not be written (disk full, no permission);
 * 5: out of memory;
+* 6: another process of a multi-process run stopped (this one stops too, at once);
 * 130 / 143: interrupted by SIGINT / SIGTERM, after a checkpoint (rerun with ``--resume``).
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from kdvae import config, train
 from kdvae import data as kdata
 
-EXIT_USAGE, EXIT_NONFINITE, EXIT_WRITE, EXIT_MEMORY = config.EXIT_USAGE, 3, 4, 5
+EXIT_USAGE, EXIT_NONFINITE, EXIT_WRITE, EXIT_MEMORY, EXIT_PEER = config.EXIT_USAGE, 3, 4, 5, 6
 MAX_SEED = 2**31 - 1
 
 
@@ -177,6 +178,52 @@ def _out_of_memory(err: Exception) -> bool:
     return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)
 
 
+#: Words of the errors that a collective (Gloo, NCCL) or JAX's coordination service raises
+#: when a process of the run is gone.
+_PEER_LOST = ("Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer",
+              "coordination service", "heartbeat")  # fmt: skip
+
+
+def _lost_peer(err: BaseException) -> BaseException | None:
+    """The error in ``err``'s chain that says another process is gone, in a
+    multi-process run; else ``None``."""
+    import jax
+
+    if jax.process_count() < 2:
+        return None
+    while err is not None:
+        if any(word in str(err) for word in _PEER_LOST):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _stop_when_a_peer_is_lost(prog: str) -> Iterator[None]:
+    """Exit 6 at once when another process of a multi-process run is gone.
+
+    ``os._exit``: a normal exit would run ``jax.distributed.shutdown``, whose barrier
+    waits for the lost process until the heartbeat times out (~100 s), then aborts.
+    """
+    try:
+        yield
+    except Exception as err:
+        cause = _lost_peer(err)
+        if cause is None:
+            raise
+        import jax
+
+        print(
+            f"{prog}: error: another process of this {jax.process_count()}-process run "
+            f"stopped ({_one_line(cause)}); this one stops too. The checkpoints written "
+            "before are kept: start every process again with --resume.",
+            file=sys.stderr,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_PEER)
+
+
 @contextlib.contextmanager
 def errors_exit() -> Iterator[None]:
     """Turn the expected failures into one line on stderr and an exit status.
@@ -188,7 +235,8 @@ def errors_exit() -> Iterator[None]:
     prog = os.path.basename(sys.argv[0])
     previous = {s: signal.signal(s, _interrupt_now) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        with _stop_when_a_peer_is_lost(prog):
+            yield
     except (kdata.DataError, train.ConfigError, FileNotFoundError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

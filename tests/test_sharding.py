@@ -25,8 +25,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -191,21 +193,56 @@ EXAMPLE_ARGS = {
 UNTIMED = ("seconds", "eval_seconds", "samples_per_s", "devices", "config")
 
 
-def run_example(name, devices, data_dir, workdir, cache, extra=()) -> tuple[dict, list[dict]]:
-    """``examples/<name>.py`` on ``devices`` forced CPU devices: results.json and its rows."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", KDVAE_CACHE_DIR=str(cache))
+def _example_argv(name, data_dir, workdir, extra=()) -> list[str]:
+    return [sys.executable, str(REPO / "examples" / f"{name}.py"), "--data-dir", str(data_dir),
+            "--workdir", str(workdir), "--val-size", "200", "--batch-size", "32",
+            "--no-progress", *EXAMPLE_ARGS[name], *map(str, extra)]  # fmt: skip
+
+
+def _env(devices: int, cache: Path, **extra: str) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", KDVAE_CACHE_DIR=str(cache), **extra)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
     ).strip()
-    argv = [sys.executable, str(REPO / "examples" / f"{name}.py"), "--data-dir", str(data_dir),
-            "--workdir", str(workdir), "--val-size", "200", "--batch-size", "32",
-            "--no-progress", *EXAMPLE_ARGS[name], *extra]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    return env
+
+
+def _outputs(workdir: Path) -> tuple[dict, list[dict]]:
     results = json.loads((workdir / "results.json").read_text())
-    assert len(results["devices"]) == devices
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return results, rows
+
+
+def run_example(name, devices, data_dir, workdir, cache, extra=()) -> tuple[dict, list[dict]]:
+    """``examples/<name>.py`` on ``devices`` forced CPU devices: results.json and its rows."""
+    argv = _example_argv(name, data_dir, workdir, extra)
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, env=_env(devices, cache), timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results, rows = _outputs(workdir)
+    assert len(results["devices"]) == devices
+    return results, rows
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One compilation cache for every run of this module's examples."""
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+@pytest.fixture(scope="module")
+def on_four_devices(tiny_idx_dir, tmp_path_factory, cache):
+    """Each example run once in one process on 4 forced devices (made on first use)."""
+    done = {}
+
+    def get(name: str) -> tuple[dict, list[dict]]:
+        if name not in done:
+            workdir = tmp_path_factory.mktemp(f"{name}-four")
+            done[name] = run_example(name, 4, tiny_idx_dir, workdir, cache)
+        return done[name]
+
+    return get
 
 
 def _numbers(tree, prefix=""):
@@ -232,16 +269,17 @@ def assert_same_rows(one: list[dict], four: list[dict]) -> None:
         assert_same_numbers(row_1, row_4)
 
 
-def test_distill_example_on_four_devices_gives_the_one_device_numbers(tiny_idx_dir, tmp_path):
+def test_distill_example_on_four_devices_gives_the_one_device_numbers(
+    tiny_idx_dir, tmp_path, cache, on_four_devices
+):
     """Teacher and student alone are compared directly; the distilled students from the
     same teacher checkpoint. The two runs' teachers differ by rounding (~1e-7, the
     all-reduce's order of addition), which Adam and the T^2 = 64 factor make 2e-3 in the
     distilled student's loss: a different teacher, not a sharding error.
     """
-    run = functools.partial(run_example, "distill_mnist", data_dir=tiny_idx_dir,
-                            cache=tmp_path / "cache")  # fmt: skip
+    run = functools.partial(run_example, "distill_mnist", data_dir=tiny_idx_dir, cache=cache)
     results_1, rows_1 = run(1, workdir=tmp_path / "one")
-    results_4, rows_4 = run(4, workdir=tmp_path / "four")
+    results_4, rows_4 = on_four_devices("distill_mnist")
     for name, stage in (("teacher", "teacher"), ("student", "student/seed_0")):
         assert_same_numbers(results_1[name], results_4[name])
         assert_same_rows([r for r in rows_1 if r["stage"] == stage],
@@ -255,8 +293,109 @@ def test_distill_example_on_four_devices_gives_the_one_device_numbers(tiny_idx_d
                      [r for r in shared_rows_4 if r["stage"] == "kd/seed_0"])  # fmt: skip
 
 
-def test_vae_example_on_four_devices_gives_the_one_device_numbers(tiny_idx_dir, tmp_path):
-    one = run_example("vae_mnist", 1, tiny_idx_dir, tmp_path / "one", tmp_path / "cache")
-    four = run_example("vae_mnist", 4, tiny_idx_dir, tmp_path / "four", tmp_path / "cache")
+def test_vae_example_on_four_devices_gives_the_one_device_numbers(
+    tiny_idx_dir, tmp_path, cache, on_four_devices
+):
+    one = run_example("vae_mnist", 1, tiny_idx_dir, tmp_path / "one", cache)
+    four = on_four_devices("vae_mnist")
     assert_same_numbers(one[0], four[0])
     assert_same_rows(one[1], four[1])
+
+
+# ------------------------------------------- two processes, jax.distributed, 2 x 2 devices
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TwoProcesses:
+    """``examples/<name>.py --distributed`` as processes 0 and 1 of one job on this
+    machine (coordinator on 127.0.0.1, Gloo collectives), each with 2 forced CPU devices:
+    one data-parallel run over 4 global devices. Output goes to ``<workdir>.p<i>.log``."""
+
+    def __init__(self, name, data_dir, workdir: Path, cache, extra=()):
+        self.workdir, self.logs = workdir, [Path(f"{workdir}.p{i}.log") for i in (0, 1)]
+        port = str(_free_port())
+        argv = [*_example_argv(name, data_dir, workdir, extra), "--distributed"]
+        self.procs = []
+        for i, log in enumerate(self.logs):
+            env = _env(2, cache, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                       KDVAE_NUM_PROCESSES="2", KDVAE_PROCESS_ID=str(i))  # fmt: skip
+            with log.open("w") as out:  # the child keeps its own handle
+                self.procs.append(
+                    subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+                )
+
+    def wait(self, index: int, timeout: float = 600) -> int:
+        try:
+            return self.procs[index].wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self, *indices: int) -> None:
+        """SIGKILL these processes (default both), and reap them."""
+        for i in indices or range(len(self.procs)):
+            self.procs[i].kill()
+            self.procs[i].wait()
+
+    def output(self, index: int) -> str:
+        return self.logs[index].read_text()
+
+    def wait_for_rows(self, n: int, timeout: float = 300) -> None:
+        metrics, deadline = self.workdir / "metrics.jsonl", time.monotonic() + timeout
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                self.kill()
+                raise AssertionError(f"no {n} rows:\n{self.output(0)[-3000:]}")
+            time.sleep(0.1)
+
+
+def test_two_processes_give_the_one_process_numbers(tiny_idx_dir, tmp_path, cache, on_four_devices):
+    """The distillation example (teacher, student alone, KD student) over 2 processes x 2
+    devices equals one process on 4 devices, to the float tolerance of this module."""
+    job = TwoProcesses("distill_mnist", tiny_idx_dir, tmp_path / "two", cache)
+    codes = [job.wait(0), job.wait(1)]
+    assert codes == [0, 0], job.output(0)[-3000:] + job.output(1)[-3000:]
+    results_2, rows_2 = _outputs(tmp_path / "two")
+    results_4, rows_4 = on_four_devices("distill_mnist")
+    assert len(results_2["devices"]) == 4
+    assert_same_numbers(results_4, results_2)
+    assert_same_rows(rows_4, rows_2)
+
+
+def test_a_lost_process_stops_the_other_at_once_and_resume_is_exact(
+    tiny_idx_dir, tmp_path, cache, on_four_devices
+):
+    """SIGKILL process 1 after the first epoch's row: process 0 stops within seconds
+    with exit 6 and one line (not a hang, not a write error). Then SIGKILL process 0,
+    which hosts JAX's coordination service: JAX itself ends process 1 at once. A resume of
+    both finishes with the numbers of the uninterrupted one-process run."""
+    workdir = tmp_path / "killed"
+    job = TwoProcesses("vae_mnist", tiny_idx_dir, workdir, cache)
+    job.wait_for_rows(1)
+    job.kill(1)
+    t0 = time.monotonic()
+    assert job.wait(0, timeout=60) == 6, job.output(0)[-3000:]
+    assert time.monotonic() - t0 < 30
+    said = [line for line in job.output(0).splitlines() if line.startswith("vae_mnist.py: ")]
+    assert len(said) == 1 and said[0].startswith(
+        "vae_mnist.py: error: another process of this 2-process run stopped ("
+    ), job.output(0)[-3000:]
+    assert said[0].endswith("start every process again with --resume.")
+
+    job = TwoProcesses("vae_mnist", tiny_idx_dir, workdir, cache, extra=["--resume"])
+    job.wait_for_rows(2)
+    job.kill(0)
+    assert job.wait(1, timeout=60) != 0
+    assert "another task died" in job.output(1) or "another process" in job.output(1)
+
+    job = TwoProcesses("vae_mnist", tiny_idx_dir, workdir, cache, extra=["--resume"])
+    assert [job.wait(0), job.wait(1)] == [0, 0], job.output(0)[-3000:]
+    results_2, rows_2 = _outputs(workdir)
+    results_4, rows_4 = on_four_devices("vae_mnist")
+    assert_same_numbers(results_4, results_2)
+    assert_same_rows(rows_4, rows_2)
