@@ -45,6 +45,11 @@ from flax import nnx
 
 from kdvae import distill, models, train, vae
 
+try:
+    from benchmarks import reference
+except ImportError:  # run as a script: benchmarks/ is on sys.path
+    import reference
+
 STEPS = ("teacher", "cnn_teacher", "student", "distill_live", "distill_cached", "vae")
 
 
@@ -142,10 +147,7 @@ def build(step: str, batch: int, rows: int, without: tuple[str, ...] = ()):
     (the teacher's), ``"binarization"`` (the VAE's dynamic one, for a fixed threshold)
     and ``"adam"`` (plain SGD instead).
     """
-    images = jax.random.randint(jax.random.key(0), (rows, 28, 28, 1), 0, 256).astype(jnp.uint8)
-    labels = jax.random.randint(jax.random.key(1), (rows,), 0, 10)
-    data = {"images": images, "labels": labels}
-    context = None
+    data, context = bench_data(step, rows), None
     if step in ("teacher", "cnn_teacher", "student"):
         preset = {"teacher": "hinton_teacher", "cnn_teacher": "cnn_teacher"}.get(
             step, "hinton_student"
@@ -157,19 +159,28 @@ def build(step: str, batch: int, rows: int, without: tuple[str, ...] = ()):
         model = _classifier("hinton_student")
         method = step.partition(":")[2] or "kd"  # e.g. distill_cached:dkd
         loss_fn = distill.distillation_objective(method, teacher_graphdef=graphdef)
-        if step.startswith("distill_cached"):
-            data["teacher_logits"] = jax.random.normal(jax.random.key(2), (rows, 10))
-        else:
+        if not step.startswith("distill_cached"):
             context = {"teacher": teacher_state}
     elif step == "vae":
         model = models.make_vae(models.VAE_PRESETS["flax"], rngs=nnx.Rngs(0))
         loss_fn = vae.objective(dynamic_binarization="binarization" not in without)
-        data = {"images": images}
         context = {"epoch": jnp.int32(0)}
     else:
         raise ValueError(f"unknown step {step!r}")
     tx = optax.sgd(1e-3) if "adam" in without else optax.adam(1e-3)
     return train.Trainer(model, tx, loss_fn), data, context
+
+
+def bench_data(step: str, rows: int) -> dict[str, jax.Array]:
+    """Random uint8 images ``[rows, 28, 28, 1]``, and labels (and cached teacher logits)
+    for the classifier steps."""
+    images = jax.random.randint(jax.random.key(0), (rows, 28, 28, 1), 0, 256).astype(jnp.uint8)
+    if step == "vae":
+        return {"images": images}
+    data = {"images": images, "labels": jax.random.randint(jax.random.key(1), (rows,), 0, 10)}
+    if step.startswith("distill_cached"):
+        data["teacher_logits"] = jax.random.normal(jax.random.key(2), (rows, 10))
+    return data
 
 
 def ablate(step: str, batch: int, rounds: int, steps_per_round: int = 5) -> dict[str, float]:
@@ -196,13 +207,15 @@ def methods_over_kd(batch: int, rounds: int, steps_per_round: int = 5) -> dict[s
 def _interleaved(builds: dict, batch: int, rounds: int, steps_per_round: int) -> dict:
     """Median seconds per step of each ``{name: (step, without)}``, timed in interleaved
     rounds so that every variant shares the machine's conditions."""
-    runners = {}
-    for name, (step, without) in builds.items():
-        trainer, data, context = build(step, batch, 8 * batch, without)
-        data, context = train.replicate((data, context), trainer.mesh)
-        order = jnp.arange(8 * batch).reshape(8, batch)
-        sums = trainer.metric_sums(dict.fromkeys(trainer.metric_names(data, context), 0.0))
-        runners[name] = _runner(trainer, data, context, order, sums, steps_per_round)
+    runners = {
+        name: _library_runner(step, batch, without, steps_per_round)
+        for name, (step, without) in builds.items()
+    }
+    return _rounds(runners, rounds)
+
+
+def _rounds(runners: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Median seconds per step of each runner, over ``rounds`` interleaved rounds."""
     times = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
@@ -210,16 +223,58 @@ def _interleaved(builds: dict, batch: int, rounds: int, steps_per_round: int) ->
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def overhead(steps: list[str], batch: int, rounds: int, steps_per_round: int = 5) -> dict:
+    """kdvae's step time over the hand-written one's (:mod:`reference`), per step."""
+    out = {}
+    for step in steps:
+        runners = {
+            "kdvae": _library_runner(step, batch, (), steps_per_round),
+            "hand-written": _reference_runner(step, batch, steps_per_round),
+        }
+        times = _rounds(runners, rounds)
+        out[step] = {
+            "kdvae_ms": round(times["kdvae"] * 1e3, 3),
+            "hand_written_ms": round(times["hand-written"] * 1e3, 3),
+            "ratio": round(times["kdvae"] / times["hand-written"], 3),
+        }
+    return out
+
+
+def _library_runner(step: str, batch: int, without: tuple[str, ...], steps_per_round: int):
+    trainer, data, context = build(step, batch, 8 * batch, without)
+    data, context = train.replicate((data, context), trainer.mesh)
+    order = jnp.arange(8 * batch).reshape(8, batch)
+    sums = trainer.metric_sums(dict.fromkeys(trainer.metric_names(data, context), 0.0))
+    return _runner(trainer, data, context, order, sums, steps_per_round)
+
+
+def _reference_runner(step: str, batch: int, steps_per_round: int):
+    """Like :func:`_runner`, for the hand-written step of :mod:`reference`."""
+    run_step, state = reference.make(step, batch, 8 * batch)
+    data, state = bench_data(step, 8 * batch), [state]
+    order, key = jnp.arange(8 * batch).reshape(8, batch), jax.random.key(0)
+
+    def run():
+        t = time.perf_counter()
+        for i in range(steps_per_round):
+            state[0], loss = run_step(state[0], data, order, np.int32(i % 8), key)
+        loss.block_until_ready()
+        return (time.perf_counter() - t) / steps_per_round
+
+    run()  # compile and warm up
+    return run
+
+
 def _runner(trainer, data, context, order, sums, steps_per_round):
     """A function timing ``steps_per_round`` steps back to back (seconds per step)."""
-    state = [trainer.state, sums]
+    state = [trainer.leaves, sums]
     key = jax.random.key(0)
 
     def run():
         t = time.perf_counter()
         for i in range(steps_per_round):
             state[0], state[1], loss = trainer.step(
-                state[0], state[1], data, order, jnp.int32(i % 8), key, context
+                state[0], state[1], data, order, np.int32(i % 8), key, context
             )
         loss.block_until_ready()
         return (time.perf_counter() - t) / steps_per_round
@@ -236,7 +291,7 @@ def measure(step: str, batch: int, gemm: Gemm, rounds: int, steps_per_round: int
     order = jnp.arange(rows).reshape(8, batch)
     sums = trainer.metric_sums(dict.fromkeys(trainer.metric_names(data, context), 0.0))
     key = jax.random.key(0)
-    args = (trainer.state, sums, data, order, jnp.int32(0), key, context)
+    args = (trainer.leaves, sums, data, order, np.int32(0), key, context)
 
     t = time.perf_counter()
     lowered = trainer.step.lower(*args)
@@ -251,9 +306,9 @@ def measure(step: str, batch: int, gemm: Gemm, rounds: int, steps_per_round: int
 
     dots, operands, flops = matmuls_alone(lowered)
     jax.block_until_ready(dots(operands))
-    state = trainer.state
+    state = trainer.leaves
     for i in range(3):  # warm-up
-        state, sums, loss = trainer.step(state, sums, data, order, jnp.int32(i % 8), key, context)
+        state, sums, loss = trainer.step(state, sums, data, order, np.int32(i % 8), key, context)
     loss.block_until_ready()
     # Rounds of `steps_per_round` steps dispatched back to back (as `fit` does: it waits
     # only every few steps), then as many runs of the step's matrix multiplies alone,
@@ -263,7 +318,7 @@ def measure(step: str, batch: int, gemm: Gemm, rounds: int, steps_per_round: int
     for r in range(rounds):
         t = time.perf_counter()
         for i in range(steps_per_round):
-            index = jnp.int32((r * steps_per_round + i) % 8)
+            index = np.int32((r * steps_per_round + i) % 8)
             state, sums, loss = trainer.step(state, sums, data, order, index, key, context)
         loss.block_until_ready()
         seconds = (time.perf_counter() - t) / steps_per_round
@@ -322,6 +377,10 @@ def main(argv=None) -> dict:
         help="also time the teacher and VAE steps without each of their parts (batch 512)",
     )  # fmt: skip
     p.add_argument(
+        "--overhead", action="store_true",
+        help="also time a hand-written JAX step of each workload against kdvae's",
+    )  # fmt: skip
+    p.add_argument(
         "--methods", action="store_true",
         help="also time every distillation method's cached step against KD's",
     )  # fmt: skip
@@ -353,6 +412,11 @@ def main(argv=None) -> dict:
         }
     if args.epoch:
         out["epoch_seconds"] = {s: epoch_seconds(s) for s in args.steps.split(",")}
+    if args.overhead:
+        out["overhead"] = {
+            b: overhead(args.steps.split(","), int(b), args.rounds)
+            for b in args.batch_sizes.split(",")
+        }
     if args.methods:
         out["methods_over_kd"] = {
             b: methods_over_kd(int(b), args.rounds) for b in args.batch_sizes.split(",")
@@ -363,6 +427,10 @@ def main(argv=None) -> dict:
         print(json.dumps(out, indent=1))
     else:
         print(f"GEMM: {out['gemm_gflops']} GFLOP/s on {out['device']}")
+        for b, steps in out.get("overhead", {}).items():
+            for step, r in steps.items():
+                ms = f"kdvae {r['kdvae_ms']:.2f} ms, hand-written {r['hand_written_ms']:.2f} ms"
+                print(f"overhead {step:>15} b={b:<4} {ms}: {r['ratio']:.3f}x")
         for k in (
             "distill_cached_over_student",
             "methods_over_kd",

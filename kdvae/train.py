@@ -205,18 +205,34 @@ class Trainer:
         self.mesh = mesh or data_mesh()
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
         self.graphdef, state = nnx.split((model, optimizer))
+        self._treedef = jax.tree.structure(state)
         self.state = replicate(state, self.mesh)
         self.loss_fn = loss_fn
         # ``step`` may be wrapped (tests, fault injection); ``compiled_step`` is the jit.
         self.compiled_step = jax.jit(self._make_step(), donate_argnums=(0, 1))
         self.step = self.compiled_step
 
+    @property
+    def state(self) -> nnx.State:
+        """The model's and the optimizer's state (kept as :attr:`leaves`)."""
+        return jax.tree.unflatten(self._treedef, self.leaves)
+
+    @state.setter
+    def state(self, state: nnx.State) -> None:
+        leaves, treedef = jax.tree.flatten(state)
+        if treedef != self._treedef:
+            raise ValueError(f"state: expected the structure {self._treedef}, got {treedef}")
+        self.leaves = leaves
+
     def _make_step(self):
-        graphdef, loss_fn = self.graphdef, self.loss_fn
+        """``step(leaves, sums, data, order, index, epoch_key, context)``: the state goes
+        in and out as its list of arrays, whose flattening costs a jit call far less
+        than an ``nnx.State``'s (~5 us, not ~100 us, per call on a 2-core CPU)."""
+        graphdef, treedef, loss_fn = self.graphdef, self._treedef, self.loss_fn
         batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
 
-        def step(state, sums, data, order, index, epoch_key, context):
-            model, optimizer = nnx.merge(graphdef, state)
+        def step(leaves, sums, data, order, index, epoch_key, context):
+            model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
             rows = jax.lax.with_sharding_constraint(order[index], batch_sharding)
             batch = {
                 name: jax.lax.with_sharding_constraint(array[rows], batch_sharding)
@@ -233,7 +249,7 @@ class Trainer:
                 model.constrain()
             metrics = {"loss": value, **metrics}
             sums = {k: sums[k] + metrics[k].astype(jnp.float32) for k in sums}
-            return nnx.state((model, optimizer)), sums, value
+            return jax.tree.leaves(nnx.state((model, optimizer))), sums, value
 
         return step
 
@@ -834,8 +850,9 @@ def run_epoch(trainer: Trainer, data, epochs: _Epochs, state: LoopState, ctx, wa
     order, epoch_key = epochs.order(state.epoch), epochs.key(state.epoch)
     sums, window, watch.tick = trainer.metric_sums(state.sums), [], time.perf_counter()
     for i in range(state.step, epochs.steps):
-        trainer.state, sums, loss = trainer.step(
-            trainer.state, sums, data, order, jnp.int32(i), epoch_key, ctx
+        # A NumPy index: a jnp.int32 would be one more dispatch per step (~0.1 ms).
+        trainer.leaves, sums, loss = trainer.step(
+            trainer.leaves, sums, data, order, np.int32(i), epoch_key, ctx
         )
         window.append(loss)
         if watch.due(window, i + 1):
@@ -854,7 +871,7 @@ def _what_is_kept(stage: Stage) -> str:
 
 
 def _check_parameters(trainer: Trainer, stage: Stage, epoch: int) -> None:
-    if not bool(_all_finite(trainer.state)):
+    if not bool(_all_finite(trainer.leaves)):
         raise NonFiniteError(
             f"{stage.name}: a parameter became non-finite in epoch {epoch + 1}; "
             f"stopped without saving ({_what_is_kept(stage)})."
@@ -975,7 +992,7 @@ def _check_memory(trainer: Trainer, data, epochs: _Epochs, state: LoopState, ctx
     """``ConfigError`` before training when the compiled step needs more memory than the
     device has free (XLA's own count: arguments, outputs and temporaries)."""
     sums = trainer.metric_sums(state.sums)
-    args = (trainer.state, sums, data, epochs.order(0), jnp.int32(0), epochs.key(0), ctx)
+    args = (trainer.leaves, sums, data, epochs.order(0), np.int32(0), epochs.key(0), ctx)
     stats = trainer.compiled_step.lower(*args).compile().memory_analysis()
     device = trainer.mesh.devices.flat[0]
     free = _free_bytes(device)

@@ -28,7 +28,7 @@ def test_matmuls_alone_finds_every_matmul_of_a_step_and_counts_its_flops(steps):
     sums = trainer.metric_sums(dict.fromkeys(trainer.metric_names(data, context), 0.0))
     order = jnp.arange(4 * batch).reshape(4, batch)
     lowered = trainer.step.lower(
-        trainer.state, sums, data, order, jnp.int32(0), jax.random.key(0), context
+        trainer.leaves, sums, data, order, jnp.int32(0), jax.random.key(0), context
     )
     dots, operands, flops = steps.matmuls_alone(lowered)
     # 784-800-800-10: three forward products, three weight gradients, and the input
@@ -44,7 +44,8 @@ def test_steps_json_reports_every_field(steps):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         result = steps.main(["--json", "--steps", "student,distill_cached,vae",
-                             "--batch-sizes", "16", "--rounds", "2", "--methods"])  # fmt: skip
+                             "--batch-sizes", "16", "--rounds", "2", "--methods",
+                             "--overhead"])  # fmt: skip
     assert json.loads(out.getvalue()) == result
     assert result["device"] and result["devices"] >= 1 and result["gemm_gflops"] > 0
     for step in ("student", "distill_cached", "vae"):
@@ -55,6 +56,8 @@ def test_steps_json_reports_every_field(steps):
     ratios = result["methods_over_kd"]["16"]
     assert ratios.keys() == set(distill.METHODS) and ratios["kd"] == 1.0
     assert all(r > 0 for r in ratios.values())
+    for step, r in result["overhead"]["16"].items():
+        assert r["ratio"] == pytest.approx(r["kdvae_ms"] / r["hand_written_ms"], rel=0.01), step
     ratio = result["distill_cached_over_student"]["16"]
     assert ratio == pytest.approx(
         result["distill_cached"]["16"]["ms_per_step"] / result["student"]["16"]["ms_per_step"],
@@ -114,3 +117,28 @@ def test_matmuls_alone_refuses_products_it_would_count_wrong(steps):
         steps.matmuls_alone(called_twice)
     with pytest.raises(ValueError, match="no fp32 matrix multiply"):
         steps.matmuls_alone(jax.jit(lambda a: a + 1).lower(a))
+
+
+@pytest.mark.parametrize("step", ["student", "distill_cached", "distill_live"])
+def test_the_hand_written_step_computes_kdvaes_loss(steps, step):
+    """The overhead's reference does the same work: with kdvae's parameters (and
+    teacher) it gives kdvae's loss on the same batch."""
+    import optax
+
+    reference = steps.reference
+    batch = 16
+    trainer, data, context = steps.build(step, batch, 4 * batch)
+    sums = trainer.metric_sums(dict.fromkeys(trainer.metric_names(data, context), 0.0))
+    order, key = jnp.arange(4 * batch).reshape(4, batch), jax.random.key(0)
+
+    def pairs(model):
+        return [(layer.kernel[...], layer.bias[...]) for layer in model.layers]
+
+    params = jax.tree.map(jnp.copy, pairs(trainer.model))  # both steps donate their state
+    run, _ = reference.make(step, batch, 4 * batch)
+    if step == "distill_live":  # kdvae's teacher, as steps.build makes it
+        teacher = pairs(steps._classifier("hinton_teacher", 1))
+        run, _ = reference.make(step, batch, 4 * batch, teacher=teacher)
+    _, _, expected = trainer.step(trainer.leaves, sums, data, order, 1, key, context)
+    _, loss = run((params, optax.adam(1e-3).init(params)), data, order, 1, key)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
