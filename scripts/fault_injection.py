@@ -203,19 +203,30 @@ def finish(example: str, workdir: Path, data_dir: Path, *, resume=True, argv=Non
 
 
 def checkpoint_steps(workdir: Path) -> dict[str, list[int]]:
-    """Committed checkpoint steps of every stage (orbax names them by step)."""
+    """Committed checkpoint steps of every stage (orbax names them by step).
+
+    The stages sit at ``<stage>/`` or ``<model>/seed_<k>/``: nothing inside a checkpoint
+    folder is listed, where a running save renames its files.
+    """
+    folders = [*workdir.glob("*/checkpoints"), *workdir.glob("*/*/checkpoints")]
     return {
         str(folder.parent.relative_to(workdir)): sorted(
             int(p.name) for p in folder.iterdir() if p.name.isdigit()
         )
-        for folder in sorted(workdir.rglob("checkpoints"))
+        for folder in sorted(folders)
         if folder.is_dir()
     }
 
 
 def leftovers(workdir: Path) -> list[str]:
-    """Orbax's temporary folders (an interrupted save) anywhere under ``workdir``."""
-    return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*orbax-checkpoint-tmp*"))
+    """Orbax's temporary folders (an interrupted save) anywhere under ``workdir``
+    (``os.walk`` passes over a folder that a running save renames away)."""
+    return sorted(
+        str((Path(parent) / name).relative_to(workdir))
+        for parent, folders, _ in os.walk(workdir)
+        for name in folders
+        if "orbax-checkpoint-tmp" in name
+    )
 
 
 # --------------------------------------------------------------------------- comparison
