@@ -142,3 +142,25 @@ def test_the_hand_written_step_computes_kdvaes_loss(steps, step):
     _, _, expected = trainer.step(trainer.leaves, sums, data, order, 1, key, context)
     _, loss = run((params, optax.adam(1e-3).init(params)), data, order, 1, key)
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_gpu_check_runs_everything_and_prints_one_table(tiny_idx_dir, tmp_path):
+    """On the CPU, with short runs: the table has every step and both targets."""
+    gpu_check = load_script("benchmarks/gpu_check.py")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = gpu_check.main([
+            "--data-dir", str(tiny_idx_dir), "--workdir", str(tmp_path),
+            "--steps-args", "--steps student --batch-sizes 16 --rounds 1",
+            "--distill-args", "--val-size 200 --batch-size 32 --teacher hinton_student "
+                              "--teacher-epochs 1 --student-epochs 1 --methods kd",
+            "--vae-args", "--val-size 200 --batch-size 32 --epochs 2 --eval-k 2 "
+                          "--eval-examples 20",
+        ])  # fmt: skip
+    text = out.getvalue()
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == result
+    assert "student" in text and "16" in text
+    assert "quick_preset_s" in text and "(target < 60.0" in text
+    assert "vae_epoch_s" in text and "(target < 0.5" in text
+    assert result["quick_preset_s"] > 0 and result["vae_epoch_s"] > 0
+    assert set(result["quick_preset_test_errors"]) == {"teacher", "student", "kd"}
