@@ -7,6 +7,9 @@ classifier, a student distilled from a live teacher, and a VAE. It reports the l
 differences; the tests here hold them to a float tolerance. Then each example script
 runs end to end (2 epochs a stage on a tiny IDX folder) on 1 and on 4 forced devices,
 and its results.json and metrics.jsonl must agree to the same tolerance.
+Last, two processes of one ``jax.distributed`` job (2 forced devices each, Gloo
+collectives over 127.0.0.1) must give the one-process 4-device numbers, and a killed
+process must end the other at once, not hang.
 
 Why not bit for bit: on 4 devices each computes the gradient of its quarter of the batch
 and XLA all-reduces the four partial sums; on one device the batch is reduced in one
