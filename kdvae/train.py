@@ -186,6 +186,9 @@ def check_batch_size(batch_size: int, num_examples: int, mesh: Mesh) -> None:
 class Trainer:
     """A model, its optimizer and the compiled train step, in split (functional) form.
 
+    The state lives in ``leaves`` (its arrays, as the step takes and returns them);
+    ``state`` is the same as an ``nnx.State``.
+
     Args:
       model: the NNX module to train (it may define ``constrain()``, called after each
         update, e.g. a max-norm projection).
