@@ -283,7 +283,7 @@ def unseen_classes_figure(
     values = np.asarray(list(accuracy.values()), dtype=np.float64).reshape(len(accuracy), -1)
     if values.shape[1] != len(cases):
         raise ValueError(f"unseen_classes_figure needs {len(cases)} values per series")
-    fig = _new_figure((max(6.0, 0.9 * len(cases) + 2.5), 4.0))
+    fig = _new_figure((max(6.0, 0.9 * len(cases) + 2.5), 4.5))
     ax = fig.add_subplot()
     colors = [colormaps["tab20"](k) for k in (1, 0, 3, 2, 5, 4, 7, 6)]
     x = _grouped_bars(ax, list(accuracy), values, colors[: len(accuracy)])
@@ -292,7 +292,8 @@ def unseen_classes_figure(
     ax.set_ylabel("test accuracy on them")
     ax.set_ylim(0, 1.0)
     ax.set_title("Classes the student never saw: before and after the bias shift")
-    ax.legend(fontsize="small")
+    # Above the plot, where no bar can be (a bar may reach 1).
+    ax.legend(fontsize="small", ncol=len(accuracy), loc="lower center", bbox_to_anchor=(0.5, 1.08))
     return _save(fig, path)
 
 
