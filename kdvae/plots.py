@@ -292,8 +292,9 @@ def unseen_classes_figure(
     ax.set_ylabel("test accuracy on them")
     ax.set_ylim(0, 1.0)
     ax.set_title("Classes the student never saw: before and after the bias shift")
-    # Above the plot, where no bar can be (a bar may reach 1).
-    ax.legend(fontsize="small", ncol=len(accuracy), loc="lower center", bbox_to_anchor=(0.5, 1.08))
+    # Above the plot, where no bar can be (a bar may reach 1); one row if it fits.
+    ncol = len(accuracy) if len(cases) >= 6 else 2
+    fig.legend(fontsize="small", ncol=ncol, loc="outside upper center")
     return _save(fig, path)
 
 
