@@ -29,15 +29,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"quick_preset_s": 60.0, "vae_epoch_s": 0.5}
+RUNS = ("steps", "distill", "vae")  # each takes more flags from --<run>-args
 
 
 def _run(argv: list[str], log: Path) -> float:
-    """Run ``argv`` (output to ``log``); its wall seconds. Exits with it on failure."""
+    """Run ``argv``, its stdout to ``log`` and its stderr to ``<log>.stderr`` (so that a
+    warning never lands in a JSON output); its wall seconds. Exits on failure."""
     t = time.perf_counter()
-    with log.open("w") as out:
-        code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    errors = log.with_name(log.name + ".stderr")
+    with log.open("w") as out, errors.open("w") as err:
+        code = subprocess.call(argv, stdout=out, stderr=err, cwd=REPO)
     if code:
-        sys.exit(f"gpu_check.py: {' '.join(argv[1:3])} exited {code}; see {log}")
+        sys.exit(f"gpu_check.py: {' '.join(argv[1:3])} exited {code}; see {errors}")
     return time.perf_counter() - t
 
 
@@ -70,12 +73,19 @@ def check(data_dir: str, workdir: Path, args: dict[str, list[str]]) -> dict:
     return out
 
 
+def _is_timed_step(value) -> bool:
+    """A step of ``benchmarks/steps.py --json``: ``{batch: {"ms_per_step": ...}}``."""
+    return isinstance(value, dict) and all(
+        isinstance(r, dict) and "ms_per_step" in r for r in value.values()
+    )
+
+
 def table(out: dict) -> str:
     steps = out["steps"]
     lines = [f"device: {steps['device']} ({steps['devices']} visible)", "",
              f"{'step':<16}{'batch':>6}{'ms':>10}{'samples/s':>12}{'compile s':>11}"]  # fmt: skip
     for name, by_batch in steps.items():
-        if not isinstance(by_batch, dict) or "ms_per_step" not in next(iter(by_batch.values())):
+        if not _is_timed_step(by_batch):  # the device, the GEMM rate, the summaries
             continue
         for batch, r in by_batch.items():
             lines.append(f"{name:<16}{batch:>6}{r['ms_per_step']:>10.2f}"
@@ -93,12 +103,10 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", required=True, help="the four MNIST-format IDX files")
     p.add_argument("--workdir", default="runs/gpu_check")
-    for name in ("steps", "distill", "vae"):
+    for name in RUNS:
         p.add_argument(f"--{name}-args", default="", help=f"more flags for the {name} run")
     args = p.parse_args(argv)
-    extra = {
-        name: shlex.split(getattr(args, f"{name}_args")) for name in ("steps", "distill", "vae")
-    }
+    extra = {name: shlex.split(getattr(args, f"{name}_args")) for name in RUNS}
     out = check(args.data_dir, Path(args.workdir), extra)
     print(table(out))
     return out

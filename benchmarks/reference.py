@@ -6,7 +6,7 @@ the same network, loss, data gather and PRNG use as kdvae's step, and nothing el
 (no metric sums, no NNX graph, no sharding constraints). ``benchmarks/steps.py
 --overhead`` times them against kdvae's steps in interleaved rounds.
 
-``make(step, batch, rows)`` returns ``(run, state)``: ``run(state, data, order, index,
+``make(step)`` returns ``(run, state)``: ``run(state, data, order, index,
 key) -> (state, loss)``, jitted with the state donated, as kdvae's step is.
 """
 
@@ -98,10 +98,10 @@ def neg_elbo(params, images, key):
     return jnp.mean(kl - log_px)
 
 
-def make(step: str, batch: int, rows: int, *, teacher=None):
+def make(step: str, *, teacher=None):
     """``(run, state)`` of the hand-written ``step`` (a name of ``steps.STEPS``);
-    ``teacher``: the live teacher's ``[(kernel, bias)]`` (default a fresh one)."""
-    del batch, rows  # the shapes come with the data
+    ``teacher``: the live teacher's ``[(kernel, bias)]`` (default a fresh one). The
+    shapes come with the data ``run`` is given."""
     key = jax.random.key(0)
     if step == "vae":
         params = vae_params(key)

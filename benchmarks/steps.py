@@ -240,56 +240,60 @@ def overhead(steps: list[str], batch: int, rounds: int, steps_per_round: int = 5
     return out
 
 
-def _library_runner(step: str, batch: int, without: tuple[str, ...], steps_per_round: int):
+def _prepare(step: str, batch: int, without: tuple[str, ...] = ()):
+    """``build``'s trainer, its data and context placed on the mesh, an order of 8
+    batches, and zeroed metric sums."""
     trainer, data, context = build(step, batch, 8 * batch, without)
     data, context = train.replicate((data, context), trainer.mesh)
     order = jnp.arange(8 * batch).reshape(8, batch)
     sums = trainer.metric_sums(dict.fromkeys(trainer.metric_names(data, context), 0.0))
-    return _runner(trainer, data, context, order, sums, steps_per_round)
+    return trainer, data, context, order, sums
+
+
+def _timer(one_step: Callable[[int], jax.Array], steps_per_round: int) -> Callable[[], float]:
+    """A function timing ``steps_per_round`` calls of ``one_step(i)`` dispatched back to
+    back (seconds per step); called once here to compile and warm up."""
+
+    def run():
+        t = time.perf_counter()
+        for i in range(steps_per_round):
+            loss = one_step(i)
+        loss.block_until_ready()
+        return (time.perf_counter() - t) / steps_per_round
+
+    run()
+    return run
+
+
+def _library_runner(step: str, batch: int, without: tuple[str, ...], steps_per_round: int):
+    """kdvae's step, as :func:`kdvae.train.run_epoch` calls it."""
+    trainer, data, context, order, sums = _prepare(step, batch, without)
+    state, key = [trainer.leaves, sums], jax.random.key(0)
+
+    def one_step(i):
+        state[0], state[1], loss = trainer.step(
+            state[0], state[1], data, order, np.int32(i % 8), key, context
+        )
+        return loss
+
+    return _timer(one_step, steps_per_round)
 
 
 def _reference_runner(step: str, batch: int, steps_per_round: int):
-    """Like :func:`_runner`, for the hand-written step of :mod:`reference`."""
-    run_step, state = reference.make(step, batch, 8 * batch)
+    """The hand-written step of :mod:`reference`, on the same data."""
+    run_step, state = reference.make(step)
     data, state = bench_data(step, 8 * batch), [state]
     order, key = jnp.arange(8 * batch).reshape(8, batch), jax.random.key(0)
 
-    def run():
-        t = time.perf_counter()
-        for i in range(steps_per_round):
-            state[0], loss = run_step(state[0], data, order, np.int32(i % 8), key)
-        loss.block_until_ready()
-        return (time.perf_counter() - t) / steps_per_round
+    def one_step(i):
+        state[0], loss = run_step(state[0], data, order, np.int32(i % 8), key)
+        return loss
 
-    run()  # compile and warm up
-    return run
-
-
-def _runner(trainer, data, context, order, sums, steps_per_round):
-    """A function timing ``steps_per_round`` steps back to back (seconds per step)."""
-    state = [trainer.leaves, sums]
-    key = jax.random.key(0)
-
-    def run():
-        t = time.perf_counter()
-        for i in range(steps_per_round):
-            state[0], state[1], loss = trainer.step(
-                state[0], state[1], data, order, np.int32(i % 8), key, context
-            )
-        loss.block_until_ready()
-        return (time.perf_counter() - t) / steps_per_round
-
-    run()  # compile and warm up
-    return run
+    return _timer(one_step, steps_per_round)
 
 
 def measure(step: str, batch: int, gemm: Gemm, rounds: int, steps_per_round: int = 5) -> dict:
-    rows = 8 * batch
-    trainer, data, context = build(step, batch, rows)
-    data = train.replicate(data, trainer.mesh)
-    context = train.replicate(context, trainer.mesh)
-    order = jnp.arange(rows).reshape(8, batch)
-    sums = trainer.metric_sums(dict.fromkeys(trainer.metric_names(data, context), 0.0))
+    trainer, data, context, order, sums = _prepare(step, batch)
     key = jax.random.key(0)
     args = (trainer.leaves, sums, data, order, np.int32(0), key, context)
 

@@ -24,6 +24,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import jax
+
 from kdvae import config, train
 from kdvae import data as kdata
 
@@ -70,8 +72,6 @@ def setup(distributed: bool = False) -> None:
     ``KDVAE_PROCESS_ID``.
     """
     if distributed:
-        import jax
-
         count, index = _env_int("KDVAE_NUM_PROCESSES", 1), _env_int("KDVAE_PROCESS_ID", 0)
         if count is not None and index is not None and not index < count:
             raise train.ConfigError(
@@ -187,8 +187,6 @@ _PEER_LOST = ("Gloo", "NCCL", "Connection closed by peer", "Connection reset by 
 def _lost_peer(err: BaseException) -> BaseException | None:
     """The error in ``err``'s chain that says another process is gone, in a
     multi-process run; else ``None``."""
-    import jax
-
     if jax.process_count() < 2:
         return None
     while err is not None:
@@ -211,8 +209,6 @@ def _stop_when_a_peer_is_lost(prog: str) -> Iterator[None]:
         cause = _lost_peer(err)
         if cause is None:
             raise
-        import jax
-
         print(
             f"{prog}: error: another process of this {jax.process_count()}-process run "
             f"stopped ({_one_line(cause)}); this one stops too. The checkpoints written "

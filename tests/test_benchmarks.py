@@ -135,10 +135,10 @@ def test_the_hand_written_step_computes_kdvaes_loss(steps, step):
         return [(layer.kernel[...], layer.bias[...]) for layer in model.layers]
 
     params = jax.tree.map(jnp.copy, pairs(trainer.model))  # both steps donate their state
-    run, _ = reference.make(step, batch, 4 * batch)
+    run, _ = reference.make(step)
     if step == "distill_live":  # kdvae's teacher, as steps.build makes it
         teacher = pairs(steps._classifier("hinton_teacher", 1))
-        run, _ = reference.make(step, batch, 4 * batch, teacher=teacher)
+        run, _ = reference.make(step, teacher=teacher)
     _, _, expected = trainer.step(trainer.leaves, sums, data, order, 1, key, context)
     _, loss = run((params, optax.adam(1e-3).init(params)), data, order, 1, key)
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
