@@ -83,7 +83,7 @@ def test_ablations_take_the_parts_out(steps, monkeypatch):
     # SGD keeps no moments; Adam keeps two per parameter.
     assert len(jax.tree.leaves(trainer.state)) < len(jax.tree.leaves(whole.state))
     # The variants' plumbing, without compiling four steps to time them.
-    monkeypatch.setattr(steps, "_runner", lambda *args: lambda: 1e-3)
+    monkeypatch.setattr(steps, "_library_runner", lambda *args: lambda: 1e-3)
     times = steps.ablate("vae", 16, rounds=1)
     assert set(times) == {"whole", "without binarization", "without adam", "without all"}
     assert all(t > 0 for t in times.values())
