@@ -20,6 +20,8 @@ a live teacher and with cached teacher logits, the VAE) and batch size:
                                                # binarization cost the teacher and VAE
     python benchmarks/steps.py --methods       # also each distillation method's cached
                                                # step over KD's (target: <= 1.1x at 512)
+    python benchmarks/steps.py --bfloat16      # also each step computing in bfloat16,
+                                               # over float32 (the --dtype setting)
 
 Targets (batch 512, CPU): teacher >= 0.85, distill_cached >= 0.90, vae >= 0.80 of
 the GEMM rate; distill_cached <= 1.1x the student step; compile < 2 s. The last two are
@@ -124,13 +126,13 @@ def matmuls_alone(lowered) -> tuple[Callable, list[jax.Array], float]:
     return jax.jit(run), operands, flops
 
 
-def _classifier(name: str, seed: int = 0, without: tuple[str, ...] = ()):
+def _classifier(name: str, seed: int = 0, without: tuple[str, ...] = (), dtype="float32"):
     config = models.CLASSIFIER_PRESETS[name]
     if "dropout" in without:
         config = dataclasses.replace(config, input_dropout=0.0, hidden_dropout=0.0)
     if "max_norm" in without:
         config = dataclasses.replace(config, max_norm=None)
-    return models.make_classifier(config, rngs=nnx.Rngs(seed))
+    return models.make_classifier(config, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
 # What --ablations takes out of a step, one part at a time and all together.
@@ -140,8 +142,9 @@ ABLATIONS = {
 }
 
 
-def build(step: str, batch: int, rows: int, without: tuple[str, ...] = ()):
-    """A Trainer, its data and context for one benchmarked step.
+def build(step: str, batch: int, rows: int, without: tuple[str, ...] = (), dtype="float32"):
+    """A Trainer, its data and context for one benchmarked step, its model computing in
+    ``dtype``.
 
     ``without`` takes parts out, to see what they cost: ``"dropout"``, ``"max_norm"``
     (the teacher's), ``"binarization"`` (the VAE's dynamic one, for a fixed threshold)
@@ -152,17 +155,18 @@ def build(step: str, batch: int, rows: int, without: tuple[str, ...] = ()):
         preset = {"teacher": "hinton_teacher", "cnn_teacher": "cnn_teacher"}.get(
             step, "hinton_student"
         )
-        model, loss_fn = _classifier(preset, without=without), distill.classification_loss()
+        model = _classifier(preset, without=without, dtype=dtype)
+        loss_fn = distill.classification_loss()
     elif step.startswith("distill"):
         teacher = _classifier("hinton_teacher", 1)
         graphdef, teacher_state = nnx.split(teacher)
-        model = _classifier("hinton_student")
+        model = _classifier("hinton_student", dtype=dtype)
         method = step.partition(":")[2] or "kd"  # e.g. distill_cached:dkd
         loss_fn = distill.distillation_objective(method, teacher_graphdef=graphdef)
         if not step.startswith("distill_cached"):
             context = {"teacher": teacher_state}
     elif step == "vae":
-        model = models.make_vae(models.VAE_PRESETS["flax"], rngs=nnx.Rngs(0))
+        model = models.make_vae(models.VAE_PRESETS["flax"], dtype=dtype, rngs=nnx.Rngs(0))
         loss_fn = vae.objective(dynamic_binarization="binarization" not in without)
         context = {"epoch": jnp.int32(0)}
     else:
@@ -240,10 +244,27 @@ def overhead(steps: list[str], batch: int, rounds: int, steps_per_round: int = 5
     return out
 
 
-def _prepare(step: str, batch: int, without: tuple[str, ...] = ()):
+def mixed_precision(steps: list[str], batch: int, rounds: int, steps_per_round: int = 5) -> dict:
+    """Each step computing in bfloat16 against float32 (interleaved rounds, medians)."""
+    out = {}
+    for step in steps:
+        runners = {
+            dtype: _library_runner(step, batch, (), steps_per_round, dtype)
+            for dtype in ("float32", "bfloat16")
+        }
+        times = _rounds(runners, rounds)
+        out[step] = {
+            "float32_ms": round(times["float32"] * 1e3, 3),
+            "bfloat16_ms": round(times["bfloat16"] * 1e3, 3),
+            "ratio": round(times["bfloat16"] / times["float32"], 3),
+        }
+    return out
+
+
+def _prepare(step: str, batch: int, without: tuple[str, ...] = (), dtype: str = "float32"):
     """``build``'s trainer, its data and context placed on the mesh, an order of 8
     batches, and zeroed metric sums."""
-    trainer, data, context = build(step, batch, 8 * batch, without)
+    trainer, data, context = build(step, batch, 8 * batch, without, dtype)
     data, context = train.replicate((data, context), trainer.mesh)
     order = jnp.arange(8 * batch).reshape(8, batch)
     sums = trainer.metric_sums(dict.fromkeys(trainer.metric_names(data, context), 0.0))
@@ -265,9 +286,11 @@ def _timer(one_step: Callable[[int], jax.Array], steps_per_round: int) -> Callab
     return run
 
 
-def _library_runner(step: str, batch: int, without: tuple[str, ...], steps_per_round: int):
+def _library_runner(
+    step: str, batch: int, without: tuple[str, ...], steps_per_round: int, dtype: str = "float32"
+):
     """kdvae's step, as :func:`kdvae.train.run_epoch` calls it."""
-    trainer, data, context, order, sums = _prepare(step, batch, without)
+    trainer, data, context, order, sums = _prepare(step, batch, without, dtype)
     state, key = [trainer.leaves, sums], jax.random.key(0)
 
     def one_step(i):
@@ -388,6 +411,10 @@ def main(argv=None) -> dict:
         "--methods", action="store_true",
         help="also time every distillation method's cached step against KD's",
     )  # fmt: skip
+    p.add_argument(
+        "--bfloat16", action="store_true",
+        help="also time each step computing in bfloat16 against float32",
+    )  # fmt: skip
     args = p.parse_args(argv)
     # No persistent compilation cache here: compile_s is a cold compile.
 
@@ -421,6 +448,11 @@ def main(argv=None) -> dict:
             b: overhead(args.steps.split(","), int(b), args.rounds)
             for b in args.batch_sizes.split(",")
         }
+    if args.bfloat16:
+        out["bfloat16"] = {
+            b: mixed_precision(args.steps.split(","), int(b), args.rounds)
+            for b in args.batch_sizes.split(",")
+        }
     if args.methods:
         out["methods_over_kd"] = {
             b: methods_over_kd(int(b), args.rounds) for b in args.batch_sizes.split(",")
@@ -435,6 +467,10 @@ def main(argv=None) -> dict:
             for step, r in steps.items():
                 ms = f"kdvae {r['kdvae_ms']:.2f} ms, hand-written {r['hand_written_ms']:.2f} ms"
                 print(f"overhead {step:>15} b={b:<4} {ms}: {r['ratio']:.3f}x")
+        for b, steps in out.get("bfloat16", {}).items():
+            for step, r in steps.items():
+                ms = f"float32 {r['float32_ms']:.2f} ms, bfloat16 {r['bfloat16_ms']:.2f} ms"
+                print(f"bfloat16 {step:>15} b={b:<4} {ms}: {r['ratio']:.3f}x")
         for k in (
             "distill_cached_over_student",
             "methods_over_kd",

@@ -195,7 +195,7 @@ def train_stage(run: Run, name: str, rows: dict, loss_fn, context=None, seed=Non
     s, index = run.settings, INIT_INDEX.get(name, INIT_INDEX["distilled"])
     preset, seed = (s.teacher, s.seed) if seed is None else (s.student, seed)
     epochs = s.teacher_epochs if name == "teacher" else s.student_epochs
-    model = distill.make_classifier(preset, seed, index)
+    model = distill.make_classifier(preset, seed, index, s.dtype)
     steps = max(len(rows["labels"]) // s.batch_size, 1)
     tx = optax.adam(optax.cosine_decay_schedule(s.learning_rate, epochs * steps))
     trainer = train.Trainer(model, tx, loss_fn)

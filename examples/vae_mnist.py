@@ -91,7 +91,8 @@ def stored(s: Settings, ds: data.Dataset) -> dict:
 def fit(s: Settings, ds: data.Dataset, log: train.MetricsLog, x_eval: dict):
     """The VAE trained on ``ds.train``: the model at its best validation epoch, and the fit."""
     model = models.build(
-        lambda rngs: models.make_vae(s.model_config(), rngs=rngs), jax.random.key(s.seed)
+        lambda rngs: models.make_vae(s.model_config(), dtype=s.dtype, rngs=rngs),
+        jax.random.key(s.seed),
     )
     steps = max(len(ds.train) // s.batch_size, 1)
     tx = optax.adam(optax.cosine_decay_schedule(s.learning_rate, s.epochs * steps))

@@ -57,6 +57,12 @@ class Common(config.Settings):
         "multi-host: call jax.distributed.initialize() first (README, Scaling out)",
         training=False,
     )
+    dtype: str = config.setting(
+        "float32",
+        "activations and matmuls in float32, or bfloat16 (mixed precision: parameters, "
+        "optimizer and loss math stay float32)",
+        choices=("float32", "bfloat16"),
+    )
     # The validation hold-out (the last N training rows): small for tests' tiny data.
     val_size: int = config.setting(
         5000, "validation examples", check=config.between(1, 10**7), hidden=True

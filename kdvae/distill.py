@@ -202,12 +202,13 @@ def distillation_objective(
 # ------------------------------------------------------------------------ models
 
 
-def make_classifier(preset: str, seed: int, stage: int) -> nnx.Module:
-    """The classifier ``models.CLASSIFIER_PRESETS[preset]``, initialised from
-    ``fold_in(key(seed), stage)`` (each stage of a run its own initialisation)."""
+def make_classifier(preset: str, seed: int, stage: int, dtype: str = "float32") -> nnx.Module:
+    """The classifier ``models.CLASSIFIER_PRESETS[preset]`` computing in ``dtype``,
+    initialised from ``fold_in(key(seed), stage)`` (each stage of a run its own
+    initialisation; the same in every dtype)."""
     key = jax.random.fold_in(jax.random.key(seed), stage)
     config = models.CLASSIFIER_PRESETS[preset]
-    return models.build(lambda rngs: models.make_classifier(config, rngs=rngs), key)
+    return models.build(lambda rngs: models.make_classifier(config, dtype=dtype, rngs=rngs), key)
 
 
 def load_teacher(path: str | Path, preset: str, *, data: dict | None = None) -> nnx.Module:

@@ -13,6 +13,12 @@ The VAE's encoder returns its posterior ``q(z|x)`` as a value,
 :func:`kdvae.losses.iwae_bound` take.
 
 Inputs are images as floats in ``[0, 1]``, either ``[B, 784]`` or ``[B, 28, 28, 1]``.
+
+Mixed precision: every model takes ``dtype``, the dtype its activations and matrix
+multiplies are computed in (``jnp.bfloat16`` or the default ``jnp.float32``). Its
+parameters stay float32 (Flax's ``param_dtype``), and so do the gradients and the
+optimizer's moments; every output (logits, the posterior) comes back as float32, so
+the loss math is float32 too.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ __all__ = [
     "make_vae",
 ]
 
+Dtype = Any  # a JAX floating dtype, e.g. jnp.float32 or jnp.bfloat16
 _ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh, "gelu": jax.nn.gelu, "elu": jax.nn.elu}
 
 
@@ -104,11 +111,15 @@ class MLPClassifier(nnx.Module):
         input_dropout: float = 0.0,
         hidden_dropout: float = 0.0,
         max_norm: float | None = None,
+        dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         sizes = [num_inputs, *widths, num_classes]
         self.layers = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+            [
+                nnx.Linear(a, b, dtype=dtype, rngs=rngs)
+                for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+            ]
         )
         self.input_dropout = _check_rate("input_dropout", input_dropout)
         self.hidden_dropout = _check_rate("hidden_dropout", hidden_dropout)
@@ -122,12 +133,12 @@ class MLPClassifier(nnx.Module):
         ``key`` draws the dropout masks in training; ``inference=True`` evaluates
         (no dropout, no key needed). See :func:`dropout`.
         """
-        x = x.reshape(x.shape[0], -1)
+        x = x.reshape(x.shape[0], -1).astype(self.layers[0].dtype)
         keys = [None] * len(self.layers) if key is None else jax.random.split(key, len(self.layers))
         x = dropout(keys[0], x, self.input_dropout, inference=inference)
         for layer, layer_key in zip(self.layers[:-1], keys[1:], strict=True):
             x = dropout(layer_key, jax.nn.relu(layer(x)), self.hidden_dropout, inference=inference)
-        return self.layers[-1](x)
+        return self.layers[-1](x).astype(jnp.float32)
 
     def constrain(self) -> None:
         """Apply the max-norm constraint (call after each optimizer update)."""
@@ -144,10 +155,19 @@ class Conv(nnx.Module):
     backends.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, kernel_size: int = 3, rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        kernel_size: int = 3,
+        dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         shape = (kernel_size, kernel_size, in_features, out_features)
         self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape))
         self.bias = nnx.Param(jnp.zeros((out_features,)))
+        self.dtype = dtype
 
     def __call__(self, x_BHWC: jax.Array, *, max_pool: bool = False) -> jax.Array:
         """``[B, H, W, in] -> [B, H, W, out]``, or ``[B, H/2, W/2, out]`` with ``max_pool``.
@@ -156,8 +176,8 @@ class Conv(nnx.Module):
         before the bias is added; the two commute, and the bias then touches a quarter
         of the outputs.
         """
-        y = kernels.conv2d_same(x_BHWC, self.kernel[...])
-        return (kernels.max_pool_2x2(y) if max_pool else y) + self.bias[...]
+        y = kernels.conv2d_same(x_BHWC.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return (kernels.max_pool_2x2(y) if max_pool else y) + self.bias[...].astype(self.dtype)
 
 
 class CNNClassifier(nnx.Module):
@@ -170,13 +190,16 @@ class CNNClassifier(nnx.Module):
         *,
         num_classes: int = 10,
         dropout: float = 0.5,
+        dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         ins = [1, *channels[:-1]]
-        self.convs = nnx.List([Conv(a, b, rngs=rngs) for a, b in zip(ins, channels, strict=True)])
+        self.convs = nnx.List(
+            [Conv(a, b, dtype=dtype, rngs=rngs) for a, b in zip(ins, channels, strict=True)]
+        )
         side = 28 // 2 ** len(channels)
-        self.hidden = nnx.Linear(side * side * channels[-1], dense, rngs=rngs)
-        self.out = nnx.Linear(dense, num_classes, rngs=rngs)
+        self.hidden = nnx.Linear(side * side * channels[-1], dense, dtype=dtype, rngs=rngs)
+        self.out = nnx.Linear(dense, num_classes, dtype=dtype, rngs=rngs)
         self.dropout = _check_rate("dropout", dropout)
 
     def __call__(
@@ -191,7 +214,7 @@ class CNNClassifier(nnx.Module):
         for conv in self.convs:
             x = jax.nn.relu(conv(x, max_pool=True))  # relu(pool(.)) = pool(relu(.))
         x = jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1)))
-        return self.out(dropout(key, x, self.dropout, inference=inference))
+        return self.out(dropout(key, x, self.dropout, inference=inference)).astype(jnp.float32)
 
     def constrain(self) -> None:
         """No weight constraint; present so every classifier has the same interface."""
@@ -231,8 +254,12 @@ CLASSIFIER_PRESETS: dict[str, ClassifierConfig] = {
 }
 
 
-def make_classifier(config: ClassifierConfig, *, rngs: nnx.Rngs) -> MLPClassifier | CNNClassifier:
-    """Build the classifier described by ``config``."""
+def make_classifier(
+    config: ClassifierConfig, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs
+) -> MLPClassifier | CNNClassifier:
+    """Build the classifier described by ``config``, computing in ``dtype`` (a dtype
+    or its name, e.g. ``"bfloat16"``)."""
+    dtype = jnp.dtype(dtype)
     if config.kind == "mlp":
         return MLPClassifier(
             config.widths,
@@ -240,6 +267,7 @@ def make_classifier(config: ClassifierConfig, *, rngs: nnx.Rngs) -> MLPClassifie
             input_dropout=config.input_dropout,
             hidden_dropout=config.hidden_dropout,
             max_norm=config.max_norm,
+            dtype=dtype,
             rngs=rngs,
         )
     if config.kind == "cnn":
@@ -248,6 +276,7 @@ def make_classifier(config: ClassifierConfig, *, rngs: nnx.Rngs) -> MLPClassifie
             config.dense,
             num_classes=config.num_classes,
             dropout=config.hidden_dropout,
+            dtype=dtype,
             rngs=rngs,
         )
     raise ValueError(f"classifier kind must be 'mlp' or 'cnn', got {config.kind!r}.")
@@ -259,9 +288,14 @@ def make_classifier(config: ClassifierConfig, *, rngs: nnx.Rngs) -> MLPClassifie
 class MLP(nnx.Module):
     """A stack of ``Linear + activation`` layers (the activation after every layer)."""
 
-    def __init__(self, sizes: Sequence[int], activation: str, *, rngs: nnx.Rngs):
+    def __init__(
+        self, sizes: Sequence[int], activation: str, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs
+    ):
         self.layers = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+            [
+                nnx.Linear(a, b, dtype=dtype, rngs=rngs)
+                for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+            ]
         )
         self.activation = activation
 
@@ -291,29 +325,32 @@ class VAE(nnx.Module):
         latents: int = 20,
         activation: str = "relu",
         logvar_bound: float = 10.0,
+        dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         _activation(activation)
-        self.encoder = MLP([num_inputs, *encoder_widths], activation, rngs=rngs)
+        self.encoder = MLP([num_inputs, *encoder_widths], activation, dtype=dtype, rngs=rngs)
         enc_out = encoder_widths[-1] if encoder_widths else num_inputs
-        self.mean = nnx.Linear(enc_out, latents, rngs=rngs)
-        self.logvar = nnx.Linear(enc_out, latents, rngs=rngs)
-        self.decoder = MLP([latents, *decoder_widths], activation, rngs=rngs)
+        self.mean = nnx.Linear(enc_out, latents, dtype=dtype, rngs=rngs)
+        self.logvar = nnx.Linear(enc_out, latents, dtype=dtype, rngs=rngs)
+        self.decoder = MLP([latents, *decoder_widths], activation, dtype=dtype, rngs=rngs)
         dec_out = decoder_widths[-1] if decoder_widths else latents
-        self.logits = nnx.Linear(dec_out, num_inputs, rngs=rngs)
+        self.logits = nnx.Linear(dec_out, num_inputs, dtype=dtype, rngs=rngs)
+        self.dtype = dtype
         self.logvar_bound = logvar_bound
         self.latents = latents
 
     def encode(self, x: jax.Array) -> losses.DiagonalGaussian:
         """``[B, 784]`` (or ``[B, 28, 28, 1]``) -> the posterior ``q(z|x)``, a
         :class:`kdvae.losses.DiagonalGaussian` with ``mean`` and ``logvar`` of ``[B, L]``."""
-        h = self.encoder(x.reshape(x.shape[0], -1))
+        h = self.encoder(x.reshape(x.shape[0], -1).astype(self.dtype))
+        mean, raw = (f(h).astype(jnp.float32) for f in (self.mean, self.logvar))
         bound = self.logvar_bound
-        return losses.DiagonalGaussian(self.mean(h), bound * jnp.tanh(self.logvar(h) / bound))
+        return losses.DiagonalGaussian(mean, bound * jnp.tanh(raw / bound))
 
     def decode(self, z: jax.Array) -> jax.Array:
-        """``[..., L]`` latents -> ``[..., 784]`` Bernoulli logits."""
-        return self.logits(self.decoder(z))
+        """``[..., L]`` latents -> ``[..., 784]`` Bernoulli logits (float32)."""
+        return self.logits(self.decoder(z.astype(self.dtype))).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,13 +376,15 @@ VAE_PRESETS: dict[str, VAEConfig] = {
 }
 
 
-def make_vae(config: VAEConfig, *, rngs: nnx.Rngs) -> VAE:
-    """Build the VAE described by ``config``."""
+def make_vae(config: VAEConfig, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> VAE:
+    """Build the VAE described by ``config``, computing in ``dtype`` (a dtype or its
+    name)."""
     return VAE(
         encoder_widths=config.encoder_widths,
         decoder_widths=config.decoder_widths,
         latents=config.latents,
         activation=config.activation,
+        dtype=jnp.dtype(dtype),
         rngs=rngs,
     )
 

@@ -45,7 +45,7 @@ def test_steps_json_reports_every_field(steps):
     with contextlib.redirect_stdout(out):
         result = steps.main(["--json", "--steps", "student,distill_cached,vae",
                              "--batch-sizes", "16", "--rounds", "2", "--methods",
-                             "--overhead"])  # fmt: skip
+                             "--overhead", "--bfloat16"])  # fmt: skip
     assert json.loads(out.getvalue()) == result
     assert result["device"] and result["devices"] >= 1 and result["gemm_gflops"] > 0
     for step in ("student", "distill_cached", "vae"):
@@ -58,6 +58,8 @@ def test_steps_json_reports_every_field(steps):
     assert all(r > 0 for r in ratios.values())
     for step, r in result["overhead"]["16"].items():
         assert r["ratio"] == pytest.approx(r["kdvae_ms"] / r["hand_written_ms"], rel=0.01), step
+    for step, r in result["bfloat16"]["16"].items():
+        assert r["ratio"] == pytest.approx(r["bfloat16_ms"] / r["float32_ms"], rel=0.01), step
     ratio = result["distill_cached_over_student"]["16"]
     assert ratio == pytest.approx(
         result["distill_cached"]["16"]["ms_per_step"] / result["student"]["16"]["ms_per_step"],
