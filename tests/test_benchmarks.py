@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -166,3 +167,19 @@ def test_gpu_check_runs_everything_and_prints_one_table(tiny_idx_dir, tmp_path):
     assert "vae_epoch_s" in text and "(target < 0.5" in text
     assert result["quick_preset_s"] > 0 and result["vae_epoch_s"] > 0
     assert set(result["quick_preset_test_errors"]) == {"teacher", "student", "kd"}
+
+
+def test_torch_benchmark_says_what_it_needs_without_torch(monkeypatch, capsys):
+    torch_cnn = load_script("benchmarks/torch_cnn.py")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(SystemExit, match=r"needs torch: pip install -e '\.\[bench-torch\]'"):
+        torch_cnn.main(["--batch-sizes", "8", "--rounds", "1"])
+
+
+def test_torch_benchmark_times_both_steps():
+    pytest.importorskip("torch")  # an optional extra: CI does not install it
+    torch_cnn = load_script("benchmarks/torch_cnn.py")
+    result = torch_cnn.main(["--batch-sizes", "8", "--rounds", "1", "--json"])
+    r = result["8"]
+    assert r["kdvae_ms"] > 0 and r["pytorch_ms"] > 0
+    assert r["kdvae_over_pytorch"] == pytest.approx(r["kdvae_ms"] / r["pytorch_ms"], rel=0.02)

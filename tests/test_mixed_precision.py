@@ -59,7 +59,8 @@ def dtypes_of(tree) -> set[str]:
 def matmul_dtypes(fn, *args) -> set[str]:
     """The result dtypes of every matrix multiply and convolution ``jax.jit(fn)`` runs."""
     text = jax.jit(fn).lower(*args).as_text()
-    ops = re.findall(r"stablehlo\.(?:dot_general|convolution).*?->\s*tensor<(?:[\d?]+x)*(\w+)>", text)
+    result = r"->\s*tensor<(?:[\d?]+x)*(\w+)>"
+    ops = re.findall(r"stablehlo\.(?:dot_general|convolution).*?" + result, text)
     assert ops, "no matrix multiply found"
     return set(ops)
 
