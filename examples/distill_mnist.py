@@ -112,6 +112,14 @@ class Settings(cli.Common):
     jsd_beta: float = setting(HYPER["jsd_beta"], "the teacher's weight in the JSD", check=UNIT)
     batch_size: int = setting(128, "global batch size", check=config.between(1, 65536))
     learning_rate: float = setting(1e-3, "Adam learning rate", check=LEARNING_RATE, flag="lr")
+    teacher_lr: float | None = setting(
+        None, "the teacher's peak Adam learning rate (default: --lr)", check=LEARNING_RATE
+    )
+    teacher_warmup: int = setting(
+        0,
+        "epochs of linear learning-rate warm-up before the teacher's cosine decay",
+        check=config.between(0, 10_000),
+    )
     teacher_jitter: int = setting(
         0,
         "jitter the teacher's inputs by up to N pixels",
@@ -139,6 +147,11 @@ class Settings(cli.Common):
     def check(self):
         if self.omit_classes and self.keep_classes:
             raise config.ConfigError("give --omit-classes or --keep-classes, not both.")
+        if self.teacher_warmup >= self.teacher_epochs:
+            raise config.ConfigError(
+                f"--teacher-warmup ({self.teacher_warmup}) must be below --teacher-epochs "
+                f"({self.teacher_epochs})."
+            )
 
 
 # ----------------------------------------------------------------------- the stages
@@ -197,7 +210,7 @@ def train_stage(run: Run, name: str, rows: dict, loss_fn, context=None, seed=Non
     epochs = s.teacher_epochs if name == "teacher" else s.student_epochs
     model = distill.make_classifier(preset, seed, index, s.dtype)
     steps = max(len(rows["labels"]) // s.batch_size, 1)
-    tx = optax.adam(optax.cosine_decay_schedule(s.learning_rate, epochs * steps))
+    tx = optax.adam(learning_rate_schedule(s, name, epochs * steps, steps))
     trainer = train.Trainer(model, tx, loss_fn)
     stage_id = stage_name(name, None if name == "teacher" else seed)
     with train.Checkpointer(run.checkpoints(stage_id)) as checkpointer:
@@ -207,6 +220,16 @@ def train_stage(run: Run, name: str, rows: dict, loss_fn, context=None, seed=Non
         evaluate = distill.validation_accuracy(run.ds)
         fitted = train.fit(trainer, rows, loop, evaluate=evaluate, context=context, stage=stage)
     return trainer.best_model(fitted), fitted
+
+
+def learning_rate_schedule(s: Settings, name: str, total: int, steps_per_epoch: int):
+    """Cosine decay to 0 over the ``total`` steps; the teacher's after a linear warm-up
+    of ``--teacher-warmup`` epochs to ``--teacher-lr``."""
+    teacher = name == "teacher"
+    peak = (s.teacher_lr if teacher else None) or s.learning_rate
+    if not (teacher and s.teacher_warmup):
+        return optax.cosine_decay_schedule(peak, total)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, s.teacher_warmup * steps_per_epoch, total)
 
 
 def student_rows(run: Run, teacher: nnx.Module, transfer: data.Split) -> tuple[dict, object]:
