@@ -20,6 +20,8 @@ a live teacher and with cached teacher logits, the VAE) and batch size:
                                                # binarization cost the teacher and VAE
     python benchmarks/steps.py --methods       # also each distillation method's cached
                                                # step over KD's (target: <= 1.1x at 512)
+    python benchmarks/steps.py --estimators    # also the VAE's STL and DReG steps over
+                                               # the plain ones (target: <= 1.15x)
     python benchmarks/steps.py --bfloat16      # also each step computing in bfloat16,
                                                # over float32 (the --dtype setting)
 
@@ -165,9 +167,16 @@ def build(step: str, batch: int, rows: int, without: tuple[str, ...] = (), dtype
         loss_fn = distill.distillation_objective(method, teacher_graphdef=graphdef)
         if not step.startswith("distill_cached"):
             context = {"teacher": teacher_state}
-    elif step == "vae":
+    elif step.startswith("vae"):  # vae, or e.g. vae:stl, vae_iwae50, vae_iwae50:dreg
         model = models.make_vae(models.VAE_PRESETS["flax"], dtype=dtype, rngs=nnx.Rngs(0))
-        loss_fn = vae.objective(dynamic_binarization="binarization" not in without)
+        name, _, gradient = step.partition(":")
+        iwae = name.startswith("vae_iwae")
+        loss_fn = vae.objective(
+            objective="iwae" if iwae else "elbo",
+            k=int(name[len("vae_iwae") :]) if iwae else 1,
+            gradient=gradient or "reparameterized",
+            dynamic_binarization="binarization" not in without,
+        )
         context = {"epoch": jnp.int32(0)}
     else:
         raise ValueError(f"unknown step {step!r}")
@@ -179,7 +188,7 @@ def bench_data(step: str, rows: int) -> dict[str, jax.Array]:
     """Random uint8 images ``[rows, 28, 28, 1]``, and labels (and cached teacher logits)
     for the classifier steps."""
     images = jax.random.randint(jax.random.key(0), (rows, 28, 28, 1), 0, 256).astype(jnp.uint8)
-    if step == "vae":
+    if step.startswith("vae"):
         return {"images": images}
     data = {"images": images, "labels": jax.random.randint(jax.random.key(1), (rows,), 0, 10)}
     if step.startswith("distill_cached"):
@@ -206,6 +215,22 @@ def methods_over_kd(batch: int, rounds: int, steps_per_round: int = 5) -> dict[s
     builds = {method: (f"distill_cached:{method}", ()) for method in distill.METHODS}
     times = _interleaved(builds, batch, rounds, steps_per_round)
     return {method: round(t / times["kd"], 3) for method, t in times.items()}
+
+
+#: Each lower-variance estimator's step and the plain step it is timed against.
+ESTIMATORS = {
+    "stl": ("vae:stl", "vae"),
+    "dreg k=5": ("vae_iwae5:dreg", "vae_iwae5"),
+    "dreg k=50": ("vae_iwae50:dreg", "vae_iwae50"),
+}
+
+
+def estimators_over_plain(batch: int, rounds: int, steps_per_round: int = 5) -> dict:
+    """Each STL or DReG step's time over the plain reparameterized step's, at the same
+    objective and k (medians of interleaved rounds; target: at most 1.15x)."""
+    steps = sorted({step for pair in ESTIMATORS.values() for step in pair})
+    times = _interleaved({step: (step, ()) for step in steps}, batch, rounds, steps_per_round)
+    return {name: round(times[new] / times[plain], 3) for name, (new, plain) in ESTIMATORS.items()}
 
 
 def _interleaved(builds: dict, batch: int, rounds: int, steps_per_round: int) -> dict:
@@ -412,6 +437,10 @@ def main(argv=None) -> dict:
         help="also time every distillation method's cached step against KD's",
     )  # fmt: skip
     p.add_argument(
+        "--estimators", action="store_true",
+        help="also time the VAE's STL and DReG steps against the plain ones",
+    )  # fmt: skip
+    p.add_argument(
         "--bfloat16", action="store_true",
         help="also time each step computing in bfloat16 against float32",
     )  # fmt: skip
@@ -453,6 +482,10 @@ def main(argv=None) -> dict:
             b: mixed_precision(args.steps.split(","), int(b), args.rounds)
             for b in args.batch_sizes.split(",")
         }
+    if args.estimators:
+        out["estimators_over_plain"] = {
+            b: estimators_over_plain(int(b), args.rounds) for b in args.batch_sizes.split(",")
+        }
     if args.methods:
         out["methods_over_kd"] = {
             b: methods_over_kd(int(b), args.rounds) for b in args.batch_sizes.split(",")
@@ -474,6 +507,7 @@ def main(argv=None) -> dict:
         for k in (
             "distill_cached_over_student",
             "methods_over_kd",
+            "estimators_over_plain",
             "epoch_seconds",
             "ablations_ms",
         ):

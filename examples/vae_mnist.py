@@ -43,6 +43,12 @@ class Settings(cli.Common):
     batch_size: int = setting(128, "global batch size", check=config.between(1, 65536))
     learning_rate: float = setting(1e-3, "Adam learning rate", check=LEARNING_RATE, flag="lr")
     objective: str = setting("elbo", "training bound", choices=("elbo", "iwae"))
+    gradient: str = setting(
+        "reparameterized",
+        "the encoder's gradient estimator: reparameterized, stl (--objective elbo; "
+        "Roeder et al. 2017) or dreg (--objective iwae; Tucker et al. 2019)",
+        choices=tuple(vae.GRADIENTS),
+    )
     num_samples: int = setting(
         1, "z samples per example for the ELBO", check=config.between(1, 1000)
     )
@@ -65,6 +71,12 @@ class Settings(cli.Common):
     )
 
     def check(self):
+        if self.objective not in vae.GRADIENTS[self.gradient]:
+            raise config.ConfigError(
+                f"--gradient {self.gradient} is for --objective {vae.GRADIENTS[self.gradient][0]}."
+            )
+        if self.gradient == "stl" and self.free_bits:
+            raise config.ConfigError("--gradient stl samples the KL: it takes no --free-bits.")
         if self.objective == "iwae":  # the IWAE bound has no separate KL term to weight or free
             ignored = {
                 "--beta": self.beta != 1.0,
@@ -104,6 +116,7 @@ def fit(s: Settings, ds: data.Dataset, log: train.MetricsLog, x_eval: dict):
         kl_warmup_epochs=s.kl_warmup_epochs,
         free_bits=s.free_bits,
         dynamic_binarization=s.binarization == "dynamic",
+        gradient=s.gradient,
     )
     trainer = train.Trainer(model, tx, objective)
     select = ("val_neg_elbo", "min") if len(ds.val) else ("test_neg_elbo", "min")

@@ -46,6 +46,7 @@ def objective(
     kl_warmup_epochs: int = 0,
     free_bits: float = 0.0,
     dynamic_binarization: bool = True,
+    gradient: str = "reparameterized",
 ):
     """The negative ELBO (or the negative IWAE bound) of a :class:`kdvae.models.VAE`.
 
@@ -63,6 +64,10 @@ def objective(
         KL below this many nats is not penalised. Metrics still report the true KL.
       dynamic_binarization: binarize with a fresh Bernoulli sample of the grey levels
         every batch; else threshold at 0.5.
+      gradient: the encoder's gradient estimator: ``"reparameterized"`` (the plain
+        one), ``"stl"`` for the ELBO (:func:`kdvae.losses.stl_elbo`: the KL is then
+        sampled; no free bits) or ``"dreg"`` for the IWAE bound
+        (:func:`kdvae.losses.dreg_iwae_bound`).
 
     The reported ``neg_elbo`` is always the true negative ELBO (``beta = 1``, no free
     bits), whatever is optimised.
@@ -74,6 +79,7 @@ def objective(
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
     if beta < 0 or free_bits < 0 or kl_warmup_epochs < 0:
         raise ValueError("beta, free_bits and kl_warmup_epochs must be non-negative.")
+    _check_gradient(gradient, objective, free_bits)
 
     def kl_weight(context):
         if not kl_warmup_epochs:
@@ -85,9 +91,12 @@ def objective(
         binarize_key, sample_key, iwae_key = jax.random.split(key, 3)
         x = binarize(binarize_key, batch["images"], dynamic=dynamic_binarization)
         posterior = model.encode(x)
-        terms = losses.elbo(sample_key, x, posterior, model.decode, num_samples=num_samples)
+        elbo = losses.stl_elbo if gradient == "stl" else losses.elbo
+        terms = elbo(sample_key, x, posterior, model.decode, num_samples=num_samples)
+        true_kl = posterior.kl_to_standard_normal()  # analytic (STL's terms.kl is sampled)
         if objective == "iwae":
-            loss = -losses.iwae_bound(iwae_key, x, posterior, model.decode, num_samples=k).mean()
+            bound = losses.dreg_iwae_bound if gradient == "dreg" else losses.iwae_bound
+            loss = -bound(iwae_key, x, posterior, model.decode, num_samples=k).mean()
         else:
             kl = terms.kl.mean()
             if free_bits:
@@ -95,13 +104,26 @@ def objective(
                 kl = jnp.sum(jnp.maximum(per_dim, free_bits))
             loss = -terms.reconstruction.mean() + kl_weight(context) * kl
         metrics = {
-            "neg_elbo": -terms.elbo.mean(),
-            "kl": terms.kl.mean(),
+            "neg_elbo": -(terms.reconstruction - true_kl).mean(),
+            "kl": true_kl.mean(),
             "reconstruction": terms.reconstruction.mean(),
         }
         return loss, metrics
 
     return loss_fn
+
+
+#: Each gradient estimator and the objective it is for.
+GRADIENTS = {"reparameterized": ("elbo", "iwae"), "stl": ("elbo",), "dreg": ("iwae",)}
+
+
+def _check_gradient(gradient: str, objective: str, free_bits: float) -> None:
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {sorted(GRADIENTS)}, got {gradient!r}.")
+    if objective not in GRADIENTS[gradient]:
+        raise ValueError(f"gradient {gradient!r} is for objective {GRADIENTS[gradient][0]!r}.")
+    if gradient == "stl" and free_bits:
+        raise ValueError("gradient 'stl' samples the KL: it takes no free_bits.")
 
 
 def fixed_binarization(images: np.ndarray, seed: int, dynamic: bool) -> jax.Array:

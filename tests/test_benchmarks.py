@@ -92,6 +92,21 @@ def test_ablations_take_the_parts_out(steps, monkeypatch):
     assert all(t > 0 for t in times.values())
 
 
+def test_estimators_are_timed_against_their_plain_steps(steps, monkeypatch):
+    for pair in steps.ESTIMATORS.values():
+        for step in pair:
+            trainer, data, _ = steps.build(step, 8, 16)
+            assert set(data) == {"images"} and trainer.model.latents == 20
+    # The plumbing, without compiling six steps: each step's "time" is its name's length.
+    monkeypatch.setattr(steps, "_library_runner", lambda step, *args: lambda: len(step))
+    ratios = steps.estimators_over_plain(16, rounds=1)
+    assert ratios == {
+        "stl": round(len("vae:stl") / len("vae"), 3),
+        "dreg k=5": round(len("vae_iwae5:dreg") / len("vae_iwae5"), 3),
+        "dreg k=50": round(len("vae_iwae50:dreg") / len("vae_iwae50"), 3),
+    }
+
+
 def test_sampling_benchmark_checks_equal_results_and_reports_speedups():
     sampling = load_script("benchmarks/sampling.py")
     out = io.StringIO()

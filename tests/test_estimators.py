@@ -263,3 +263,73 @@ def test_bad_arguments_name_themselves(fn):
         fn(jax.random.key(0), x, (q.mean, q.logvar), dec, num_samples=2)
     with pytest.raises(ValueError, match="likelihood"):
         fn(jax.random.key(0), x, q, dec, num_samples=2, likelihood="poisson")
+
+
+# ------------------------------------------------------------- in the VAE objective
+
+
+@pytest.fixture(scope="module")
+def small_vae_batch():
+    from flax import nnx
+
+    from kdvae import models
+
+    model = models.VAE(encoder_widths=(16,), decoder_widths=(16,), latents=3, rngs=nnx.Rngs(0))
+    images = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)
+    return model, {"images": jnp.asarray(images)}
+
+
+@pytest.mark.parametrize(
+    ("objective", "gradient"), [("elbo", "stl"), ("iwae", "dreg")], ids=["stl", "dreg"]
+)
+def test_objective_with_an_estimator_reports_the_same_metrics(objective, gradient, small_vae_batch):
+    """Same key, same samples: the metrics (the true negative ELBO, the analytic KL) are
+    the plain objective's; DReG's loss is too, and its decoder gradient; the encoder's
+    gradient differs."""
+    from flax import nnx
+
+    from kdvae import vae
+
+    model, batch = small_vae_batch
+    key, context = jax.random.key(3), {"epoch": jnp.int32(0)}
+    out = {}
+    for g in ("reparameterized", gradient):
+        loss_fn = vae.objective(objective=objective, k=4, gradient=g)
+        grad_fn = nnx.value_and_grad(lambda m: loss_fn(m, batch, key, context), has_aux=True)
+        (loss, metrics), grads = grad_fn(model)
+        out[g] = loss, metrics, grads
+    (loss0, metrics0, grads0), (loss1, metrics1, grads1) = out["reparameterized"], out[gradient]
+    for name in ("neg_elbo", "kl", "reconstruction"):
+        assert_close(metrics1[name], metrics0[name], rtol=1e-5, atol=1e-5)
+    decoder = lambda g: np.asarray(g.logits.kernel[...])  # noqa: E731
+    encoder = lambda g: np.asarray(g.mean.kernel[...])  # noqa: E731
+    if gradient == "dreg":
+        assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
+        assert_close(decoder(grads1), decoder(grads0), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(encoder(grads1), encoder(grads0), rtol=1e-3)
+
+
+def test_objective_refuses_an_estimator_of_the_other_bound():
+    from kdvae import vae
+
+    with pytest.raises(ValueError, match="'stl' is for objective 'elbo'"):
+        vae.objective(objective="iwae", gradient="stl")
+    with pytest.raises(ValueError, match="'dreg' is for objective 'iwae'"):
+        vae.objective(objective="elbo", gradient="dreg")
+    with pytest.raises(ValueError, match="free_bits"):
+        vae.objective(gradient="stl", free_bits=0.5)
+    with pytest.raises(ValueError, match="gradient must be one of"):
+        vae.objective(gradient="vimco")
+
+
+def test_example_flag_refuses_an_estimator_of_the_other_bound():
+    from conftest import load_script
+
+    from kdvae import config
+
+    example = load_script("examples/vae_mnist.py")
+    assert config.parse(example.Settings, ["--gradient", "stl"]).gradient == "stl"
+    settings = config.parse(example.Settings, ["--objective", "iwae", "--gradient", "dreg"])
+    assert settings.training()["gradient"] == "dreg"
+    with pytest.raises(SystemExit):
+        config.parse(example.Settings, ["--gradient", "dreg"])  # the ELBO has no DReG
