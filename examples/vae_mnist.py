@@ -163,12 +163,18 @@ def train_and_report(s: Settings, ds: data.Dataset, log: train.MetricsLog) -> di
     results = {
         "test_neg_elbo": row["test_neg_elbo"],
         "test_nll": bounds["nll"],
+        "test_nll_mc_se": bounds["nll_mc_se"],
+        "test_nll_data_se": bounds["nll_data_se"],
+        "ess_mean": bounds["ess_mean"],
+        "ess_min": bounds["ess_min"],
         "eval_neg_elbo": bounds["neg_elbo"],  # the ELBO on the same images as test_nll
         "eval_k": s.eval_k,
         "eval_examples": n_eval,
         "kl": row["test_kl"],
         "reconstruction": row["test_reconstruction"],
         "active_units": bounds["active_units"],
+        "kl_per_dimension": bounds["kl_per_dimension"],
+        "mutual_information": bounds["mutual_information"],
         "latents": s.model_config().latents,
         "params": models.count_params(best),
         "epochs": s.epochs,
@@ -184,7 +190,7 @@ def train_and_report(s: Settings, ds: data.Dataset, log: train.MetricsLog) -> di
     train.check_finite_results(results)
     if jax.process_index() == 0:  # one writer in a multi-host run
         train.write_json(Path(s.workdir) / "results.json", results)
-        vae.figures(Path(s.workdir), best, ds, x_eval["test"], bounds["means"], log, s.seed)
+        vae.figures(Path(s.workdir), best, ds, x_eval["test"], bounds, log, s.seed)
     return results
 
 

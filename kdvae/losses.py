@@ -29,6 +29,7 @@ __all__ = [
     "TEMPERATURE_RANGE",
     "DiagonalGaussian",
     "ELBOTerms",
+    "ImportanceSampled",
     "bernoulli_log_likelihood",
     "check_distillation_settings",
     "decoupled_kd_loss",
@@ -40,6 +41,8 @@ __all__ = [
     "gaussian_kl",
     "gaussian_log_likelihood",
     "generalized_jsd_loss",
+    "aggregate_posterior_mutual_information",
+    "importance_sampled_log_px",
     "iwae_bound",
     "logit_matching_loss",
     "reparameterize",
@@ -1483,6 +1486,118 @@ def iwae_bound(
       Burda, Grosse & Salakhutdinov, *Importance Weighted Autoencoders*, 2016, eq. (8).
       https://arxiv.org/abs/1509.00519
     """
+    log_w = _iwae_log_weights(key, x, posterior, decoder, num_samples, chunk_size, likelihood,
+                              event_ndim)  # fmt: skip
+    return jax.nn.logsumexp(log_w, axis=0) - math.log(num_samples)
+
+
+class ImportanceSampled(NamedTuple):
+    """An importance-sampled ``log p(x)`` with its Monte-Carlo error, each ``[B]``."""
+
+    log_px: jax.Array  # the k-sample IWAE bound: log (1/k) sum_i w_i
+    standard_error: jax.Array  # its Monte-Carlo standard error (delta method), nats
+    ess: jax.Array  # the weights' effective sample size, 1 / sum_i w~_i^2, in [1, k]
+
+
+def importance_sampled_log_px(
+    key: jax.Array,
+    x: ArrayLike,
+    posterior: DiagonalGaussian,
+    decoder: Decoder,
+    *,
+    num_samples: int,
+    chunk_size: int | None = None,
+    likelihood: str = "bernoulli",
+    event_ndim: int = 1,
+) -> ImportanceSampled:
+    r"""The ``k``-sample estimate of ``log p(x)`` (:func:`iwae_bound`'s value, same samples
+    for the same key) with its Monte-Carlo standard error and effective sample size.
+
+    With weights :math:`w_i = p(x, z_i) / q(z_i|x)` and :math:`\tilde w_i = w_i / \sum_j
+    w_j`, the effective sample size is :math:`1 / \sum_i \tilde w_i^2` (Kong 1992), and
+    the standard error of :math:`\log \hat p(x) = \log \frac1k \sum_i w_i` by the delta
+    method is :math:`\mathrm{sd}(w) / (\sqrt{k}\, \bar w) = \sqrt{1/\mathrm{ESS} - 1/k}`.
+    Both come from the same weights as the estimate. A small ESS means ``q`` covers the
+    posterior poorly and the standard error is itself unreliable: read them together.
+
+    Args:
+      key, x, posterior, decoder, num_samples, chunk_size, likelihood, event_ndim: as in
+        :func:`iwae_bound`.
+
+    Returns:
+      :class:`ImportanceSampled` of ``[B]`` arrays.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from kdvae.losses import DiagonalGaussian, importance_sampled_log_px
+      >>> q = DiagonalGaussian(jnp.zeros((4, 2)), jnp.zeros((4, 2)))
+      >>> dec = lambda z: jnp.zeros(z.shape[:-1] + (3,))
+      >>> est = importance_sampled_log_px(jax.random.key(0), jnp.ones((4, 3)), q, dec,
+      ...                                 num_samples=8)
+      >>> est.ess.shape, float(est.ess.max()) <= 8
+      ((4,), True)
+
+    References:
+      Burda, Grosse & Salakhutdinov, *Importance Weighted Autoencoders*, 2016, sec. 5.
+      Kong, *A Note on Importance Sampling using Standardized Weights*, 1992.
+    """
+    log_w = _iwae_log_weights(key, x, posterior, decoder, num_samples, chunk_size, likelihood,
+                              event_ndim)  # fmt: skip
+    log_sum = jax.nn.logsumexp(log_w, axis=0)
+    sum_of_squares = jnp.exp(jax.nn.logsumexp(2.0 * log_w, axis=0) - 2.0 * log_sum)
+    ess = jnp.clip(1.0 / sum_of_squares, 1.0, num_samples)  # rounding aside, 1 / sum <= k
+    standard_error = jnp.sqrt(jnp.maximum(sum_of_squares - 1.0 / num_samples, 0.0))
+    return ImportanceSampled(log_sum - math.log(num_samples), standard_error, ess)
+
+
+def aggregate_posterior_mutual_information(
+    key: jax.Array, posterior: DiagonalGaussian
+) -> jax.Array:
+    r"""An estimate of the mutual information ``I(x; z)`` under ``q(z|x)`` and the
+    data's aggregate posterior ``q(z) = (1/N) sum_n q(z | x_n)``.
+
+    .. math::
+        I(x; z) = \mathbb{E}_{x}\, \mathbb{E}_{q(z|x)}\big[\log q(z|x) - \log q(z)\big]
+          \approx \frac1N \sum_m \Big[\log q(z_m | x_m)
+          - \log \frac1N \sum_n q(z_m | x_n)\Big], \quad z_m \sim q(z | x_m)
+
+    One sample per example over the ``N`` examples given (an ``N x N`` matrix of
+    densities, ``O(N^2 L)`` work). It lies in ``[0, log N]``: the mutual information of
+    the empirical distribution, which is how many nats the code carries about which
+    example it came from (Hoffman & Johnson's "ELBO surgery"; Alemi et al. 2018). A
+    collapsed posterior gives about 0.
+
+    Args:
+      key: a PRNG key for the samples.
+      posterior: ``q(z|x)`` of ``N`` examples, a :class:`DiagonalGaussian` ``[N, L]``.
+
+    Returns:
+      A scalar, in nats.
+
+    References:
+      Hoffman & Johnson, *ELBO surgery: yet another way to carve up the variational
+      evidence lower bound*, NIPS Workshop on Advances in Approximate Bayesian
+      Inference, 2016.
+    """
+    _check_key(key)
+    if not isinstance(posterior, DiagonalGaussian) or posterior.mean.ndim != 2:
+        raise TypeError("posterior must be a DiagonalGaussian of shape [N, L].")
+    n = posterior.mean.shape[0]
+    z, log_q_own = posterior.sample_and_log_prob(key)  # [N, L], [N]
+
+    def log_q_of_all(z_m: jax.Array) -> jax.Array:  # log q(z_m | x_n) for every n: [N]
+        return posterior.log_prob(z_m)
+
+    log_q_cross = jax.lax.map(log_q_of_all, z, batch_size=min(n, 64))  # [N (m), N (n)]
+    log_aggregate = jax.nn.logsumexp(log_q_cross, axis=1) - math.log(n)
+    return jnp.mean(log_q_own - log_aggregate)
+
+
+def _iwae_log_weights(
+    key, x, posterior, decoder, num_samples, chunk_size, likelihood, event_ndim
+) -> jax.Array:
+    """``[k, B]``: ``log p(x, z_i) - log q(z_i | x)`` for ``z_i`` from ``fold_in(key, i)``,
+    decoded ``chunk_size`` samples at a time."""
     _check_key(key)
     _check_vae_args(likelihood, num_samples)
     chunk = num_samples if chunk_size is None else chunk_size
@@ -1505,7 +1620,7 @@ def iwae_bound(
 
     log_w = jax.lax.map(log_weights, jnp.arange(num_chunks))  # [chunks, chunk, B]
     log_w = log_w.reshape(num_chunks * chunk, -1)
-    return jax.nn.logsumexp(log_w, axis=0) - math.log(num_samples)
+    return log_w
 
 
 # ---------------------------------------------------- lower-variance gradient estimators

@@ -330,6 +330,39 @@ def intervals_figure(
     return _save(fig, path)
 
 
+def kl_per_dimension_figure(
+    path: str | os.PathLike, kl_per_dimension: Sequence[float], threshold: float = 0.01
+) -> Path:
+    """Each latent's ``KL(q(z_l|x) || N(0, 1))`` (averaged over examples) as a bar, largest
+    first, on a log scale: the latents the model uses, and those collapsed onto the prior
+    (below ``threshold`` nats, drawn grey).
+
+    Args:
+      path: where to write the PNG.
+      kl_per_dimension: ``[L]`` nats, one per latent.
+      threshold: the line between used and collapsed latents, in nats.
+
+    Returns:
+      ``Path(path)``.
+    """
+    kl = np.asarray(kl_per_dimension, np.float64)
+    if kl.ndim != 1 or not kl.size:
+        raise ValueError(f"kl_per_dimension must be a non-empty [L] list, got shape {kl.shape}")
+    order = np.argsort(-kl)
+    fig = _new_figure((max(4.0, 0.25 * kl.size + 1.5), 3.0))
+    ax = fig.add_subplot()
+    colors = ["tab:blue" if v >= threshold else "0.6" for v in kl[order]]
+    ax.bar(np.arange(kl.size), np.maximum(kl[order], 1e-6), color=colors)
+    ax.axhline(threshold, color="0.3", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(kl.size), [str(i) for i in order], fontsize=7)
+    ax.set_xlabel("latent (sorted by KL)")
+    ax.set_ylabel("KL to the prior (nats)")
+    used = int(np.sum(kl >= threshold))
+    ax.set_title(f"{used} of {kl.size} latents above {threshold} nats", fontsize=9)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------------------------
 # Training.
 

@@ -133,7 +133,8 @@ def fixed_binarization(images: np.ndarray, seed: int, dynamic: bool) -> jax.Arra
 
 
 def _bounds_fn(graphdef: nnx.GraphDef, k: int, chunk: int, batch_size: int):
-    """Jitted ``(state, x [N, 784] binary, key) -> per-example (elbo, rec, kl, iwae_k, mean)``."""
+    """Jitted ``(state, x [N, 784] binary, key) -> per-example (elbo, rec, kl,
+    ImportanceSampled, posterior)``."""
 
     @jax.jit
     def bounds(state, x, key):
@@ -141,12 +142,12 @@ def _bounds_fn(graphdef: nnx.GraphDef, k: int, chunk: int, batch_size: int):
 
         def one_batch(xb, index):
             elbo_key, iwae_key = jax.random.split(jax.random.fold_in(key, index))
-            posterior = model.encode(xb)  # once, for both bounds and the active units
+            posterior = model.encode(xb)  # once, for both bounds and the diagnostics
             terms = losses.elbo(elbo_key, xb, posterior, model.decode)
-            iwae = losses.iwae_bound(
+            sampled = losses.importance_sampled_log_px(
                 iwae_key, xb, posterior, model.decode, num_samples=k, chunk_size=chunk
             )
-            return terms.elbo, terms.reconstruction, terms.kl, iwae, posterior.mean
+            return terms.elbo, terms.reconstruction, terms.kl, sampled, posterior
 
         return train.batched_apply(one_batch, x, batch_size=batch_size, with_index=True)
 
@@ -156,23 +157,52 @@ def _bounds_fn(graphdef: nnx.GraphDef, k: int, chunk: int, batch_size: int):
 def evaluate_bounds(
     model: nnx.Module, x: jax.Array, *, k: int, key: jax.Array, batch_size: int = 100
 ) -> dict[str, Any]:
-    """ELBO terms and the ``k``-sample IWAE bound on binary ``x [N, 784]``, averaged.
+    """ELBO terms, the ``k``-sample IWAE bound and posterior diagnostics on binary
+    ``x [N, 784]``.
 
-    Returns ``neg_elbo``, ``reconstruction``, ``kl``, ``nll`` (``-IWAE_k``, an upper
-    bound on ``-log p(x)`` that tightens with ``k``), ``active_units`` (latents whose
-    posterior mean varies across ``x`` with variance > 0.01; Burda et al.) and ``means``.
+    Returns (averages over the ``N`` examples):
+
+    * ``neg_elbo``, ``reconstruction``, ``kl``;
+    * ``nll``: ``-IWAE_k``, an upper bound on ``-log p(x)`` that tightens with ``k``;
+      ``nll_mc_se``, its Monte-Carlo standard error (the importance sampling's, for
+      these ``N`` images), and ``nll_data_se``, the standard error of the mean over
+      images (``std / sqrt(N)``: how much another test set of ``N`` could differ);
+    * ``ess_mean`` and ``ess_min``: the importance weights' effective sample size
+      (:func:`kdvae.losses.importance_sampled_log_px`), mean and worst over examples;
+    * ``kl_per_dimension``: ``KL(q(z_l|x) || N(0, 1))`` of each latent, a list;
+    * ``active_units``: latents whose posterior mean varies across ``x`` with variance
+      above 0.01 (Burda et al.);
+    * ``mutual_information``: ``I(x; z)`` under the aggregate posterior
+      (:func:`kdvae.losses.aggregate_posterior_mutual_information`), at most ``log N``;
+    * ``means``: the posterior means ``[N, L]`` (for the figures).
     """
     graphdef, state = nnx.split(model)
     batch_size = min(batch_size, x.shape[0])
     chunk = max(1, min(k, 10_000 // batch_size))
-    elbo, rec, kl, iwae, means = _bounds_fn(graphdef, k, chunk, batch_size)(state, x, key)
-    means = np.asarray(means)
+    bounds_key, mi_key = jax.random.split(key)
+    elbo, rec, kl, sampled, posterior = _bounds_fn(graphdef, k, chunk, batch_size)(
+        state, x, bounds_key
+    )
+    means, n = np.asarray(posterior.mean), x.shape[0]
+    nll = -np.asarray(sampled.log_px, np.float64)
+    ess = np.asarray(sampled.ess, np.float64)
+    mutual_information = jax.jit(losses.aggregate_posterior_mutual_information)(mi_key, posterior)
     return {
         "neg_elbo": -float(jnp.mean(elbo)),
         "reconstruction": float(jnp.mean(rec)),
         "kl": float(jnp.mean(kl)),
-        "nll": -float(jnp.mean(iwae)),
+        "nll": float(nll.mean()),
+        "nll_mc_se": float(
+            np.sqrt(np.sum(np.square(np.asarray(sampled.standard_error, np.float64)))) / n
+        ),
+        "nll_data_se": float(nll.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
+        "ess_mean": float(ess.mean()),
+        "ess_min": float(ess.min()),
+        "kl_per_dimension": np.asarray(
+            posterior.kl_to_standard_normal(per_dimension=True).mean(0), np.float64
+        ).tolist(),
         "active_units": int(np.sum(np.var(means, axis=0) > 0.01)),
+        "mutual_information": float(mutual_information),
         "means": means,
     }
 
@@ -216,10 +246,13 @@ def negative_elbo(splits: dict[str, jax.Array], key: jax.Array):
     return evaluate
 
 
-def figures(workdir: Path, best, ds: data.Dataset, x_test, means, log, seed: int) -> None:
-    """Samples, reconstructions, latent space, manifold (2-D) and training curves."""
+def figures(workdir: Path, best, ds: data.Dataset, x_test, bounds: dict, log, seed: int) -> None:
+    """Samples, reconstructions, latent space, KL per latent, manifold (2-D) and training
+    curves; ``bounds`` is :func:`evaluate_bounds`'s."""
     from kdvae import plots
 
+    means = bounds["means"]
+    plots.kl_per_dimension_figure(workdir / "kl_per_dimension.png", bounds["kl_per_dimension"])
     # Figures: probabilities (sigmoid of the logits), never logits.
     z = jax.random.normal(jax.random.key(seed + 3), (64, best.latents))
     plots.image_grid(
@@ -255,11 +288,22 @@ def format_table(results: dict[str, Any]) -> str:
             f"test NLL (IWAE, k={r['eval_k']}, {r['eval_examples']} images)",
             f"{r['test_nll']:.2f} nats (negative ELBO {r['eval_neg_elbo']:.2f} on them)",
         ),
-        ("KL(q(z|x) || p(z))", f"{r['kl']:.2f} nats"),
         ("reconstruction E_q[log p(x|z)]", f"{r['reconstruction']:.2f} nats"),
+        ("  its Monte-Carlo standard error", f"{r['test_nll_mc_se']:.3f} nats"),
+        ("  standard error over test images", _maybe(r["test_nll_data_se"], ".3f", " nats")),
+        (
+            f"  effective sample size (of {r['eval_k']})",
+            f"mean {r['ess_mean']:.1f}, worst {r['ess_min']:.1f}",
+        ),
+        ("KL(q(z|x) || p(z))", f"{r['kl']:.2f} nats"),
+        ("I(x; z), aggregate posterior", f"{r['mutual_information']:.2f} nats"),
         ("active latent units", f"{r['active_units']} / {r['latents']}"),
         ("epochs (best)", f"{r['epochs']} ({r['best_epoch']})"),
         ("seconds (train, eval)", f"{r['seconds']:.1f}, {r['eval_seconds']:.1f}"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _maybe(value, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{unit}"

@@ -333,3 +333,83 @@ def test_example_flag_refuses_an_estimator_of_the_other_bound():
     assert settings.training()["gradient"] == "dreg"
     with pytest.raises(SystemExit):
         config.parse(example.Settings, ["--gradient", "dreg"])  # the ELBO has no DReG
+
+
+# ------------------------------------------------------- evaluation with error bars
+
+
+def test_importance_sampled_log_px_matches_a_float64_reference():
+    params, x = mlp_params(62), vae_data(63)
+    x = (x > 0.5).astype(np.float32)
+    q, dec = mlp_posterior(params, x), mlp_decoder(params, "bernoulli")
+    key, k = jax.random.key(6), 9
+    est = losses.importance_sampled_log_px(key, x, q, dec, num_samples=k, chunk_size=4)
+    assert_close(est.log_px, losses.iwae_bound(key, x, q, dec, num_samples=k), 1e-6, 1e-6)
+    z = np.stack([np.asarray(q.sample(jax.random.fold_in(key, i)), np.float64) for i in range(k)])
+    mean, var = np.asarray(q.mean, np.float64), np.exp(np.asarray(q.logvar, np.float64))
+    log_w = (
+        np_log_likelihood("bernoulli", np_mlp_decoder(params, z, "bernoulli"), x)
+        + np_normal_logpdf(z, 0.0, 1.0).sum(-1)
+        - np_normal_logpdf(z, mean, var).sum(-1)
+    )  # [k, B]
+    w = np.exp(log_w - log_w.max(0))
+    w_tilde = w / w.sum(0)
+    ess = 1.0 / np.sum(w_tilde**2, 0)
+    weights = w / w.mean(0)  # sd(w) / mean(w) / sqrt(k), the delta method's
+    se = weights.std(0) / np.sqrt(k)
+    assert_close(est.ess, ess, rtol=1e-4, atol=1e-4)
+    assert_close(est.standard_error, se, rtol=1e-3, atol=1e-5)
+    assert np.all((1.0 <= np.asarray(est.ess)) & (np.asarray(est.ess) <= k))
+
+
+def test_importance_sampling_standard_error_is_the_spread_over_keys(model):
+    """The reported standard error (from one draw of k weights) matches the actual
+    spread of the estimate over 400 independent draws, within 15 % (seen: median
+    0.066 nats reported, 0.070 spread; mean ESS 69 of 100)."""
+    mean, var = near(model, shift=0.5, widen=1.5)
+    q = model.posterior(mean, var)
+    x = jnp.asarray(model.x, jnp.float32)
+
+    def one(key):
+        est = losses.importance_sampled_log_px(
+            key, x, q, model.decoder, num_samples=100, likelihood="gaussian"
+        )
+        return est.log_px[0], est.standard_error[0], est.ess[0]
+
+    log_px, se, ess = (np.asarray(a, np.float64) for a in jax.jit(jax.vmap(one))(
+        jax.random.split(jax.random.key(8), 400)))  # fmt: skip
+    assert np.median(se) == pytest.approx(log_px.std(), rel=0.15)
+    assert 1.0 < ess.mean() < 100.0
+    # At the exact posterior every weight is p(x): full ESS, no error.
+    exact = model.posterior(model.post_mean, model.post_var)
+    est = losses.importance_sampled_log_px(
+        jax.random.key(0), x, exact, model.decoder, num_samples=50, likelihood="gaussian"
+    )
+    assert_close(est.ess, 50.0, rtol=1e-3, atol=0)
+    assert_close(est.standard_error, 0.0, rtol=0, atol=2e-3)
+
+
+def test_mutual_information_matches_a_float64_reference_and_its_limits():
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=(50, 3)).astype(np.float32)
+    logvar = rng.normal(-1.0, 0.3, size=(50, 3)).astype(np.float32)
+    q, key = losses.DiagonalGaussian(mean, logvar), jax.random.key(9)
+    mi = losses.aggregate_posterior_mutual_information(key, q)
+    z = np.asarray(q.sample(key), np.float64)  # the same draws
+    m64, v64 = mean.astype(np.float64), np.exp(logvar.astype(np.float64))
+    cross = np_normal_logpdf(z[:, None, :], m64[None], v64[None]).sum(-1)  # [m, n]
+    own = np.diag(cross)
+    aggregate = np.log(np.mean(np.exp(cross - cross.max(1, keepdims=True)), 1)) + cross.max(1)
+    assert_close(mi, np.mean(own - aggregate), rtol=1e-4, atol=1e-4)
+    # A collapsed posterior (the same q for every x) carries nothing; posteriors far
+    # apart and narrow carry which example it was: log N nats.
+    collapsed = losses.DiagonalGaussian(
+        np.zeros((50, 3), np.float32), np.zeros((50, 3), np.float32)
+    )
+    assert abs(float(losses.aggregate_posterior_mutual_information(key, collapsed))) < 1e-5
+    apart = losses.DiagonalGaussian(100.0 * mean, np.full((50, 3), -6.0, np.float32))
+    assert float(losses.aggregate_posterior_mutual_information(key, apart)) == pytest.approx(
+        np.log(50), abs=1e-3
+    )
+    with pytest.raises(TypeError, match="posterior"):
+        losses.aggregate_posterior_mutual_information(key, (mean, logvar))

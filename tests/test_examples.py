@@ -323,6 +323,11 @@ def test_vae_writes_results_metrics_figures_checkpoints(vae_run):
         results["test_neg_elbo"], results["kl"] - results["reconstruction"], rtol=1e-4
     )
     assert 0 < results["test_nll"] < 784 * np.log(2) * 2
+    # The error bars and diagnostics of issue 12 (50 images, k = 4).
+    assert 0 <= results["test_nll_mc_se"] < 50 and 0 < results["test_nll_data_se"] < 50
+    assert 1.0 <= results["ess_min"] <= results["ess_mean"] <= 4.0
+    assert len(results["kl_per_dimension"]) == 20 and min(results["kl_per_dimension"]) >= 0
+    assert 0.0 <= results["mutual_information"] <= np.log(50) + 1e-6
     rows = metrics_rows(vae_run)
     assert [(r["stage"], r["epoch"]) for r in rows] == [("vae", 1)]
     assert {"train_loss", "train_neg_elbo", "val_neg_elbo", "test_neg_elbo"} <= set(rows[0])
@@ -334,7 +339,7 @@ def test_vae_writes_results_metrics_figures_checkpoints(vae_run):
     )
     assert row["train_loss"] < row["train_neg_elbo"] - 1.0
     assert_pngs(vae_run, ("samples.png", "reconstructions.png", "latents.png",
-                          "training_curves.png"))  # fmt: skip
+                          "training_curves.png", "kl_per_dimension.png"))  # fmt: skip
     assert not (vae_run / "manifold.png").exists()  # 20 latents: no 2-D manifold
     ckpt = train.Checkpointer(vae_run / "vae" / "checkpoints", read_only=True)
     assert ckpt.latest_step() == 600 // 32

@@ -121,6 +121,13 @@ def test_intervals_figure(tmp_path):
         plots.intervals_figure(tmp_path / "x.png", {})
 
 
+def test_kl_per_dimension_figure(tmp_path):
+    out = tmp_path / "kl.png"
+    _check_png(plots.kl_per_dimension_figure(out, [3.2, 0.0, 1e-4, 0.8]), out)
+    with pytest.raises(ValueError, match="kl_per_dimension"):
+        plots.kl_per_dimension_figure(tmp_path / "x.png", [])
+
+
 def test_training_curves_two_stages_and_missing_keys(tmp_path):
     history = [
         {"stage": "teacher", "epoch": e, "train_loss": 1.0 / e, "val_accuracy": 0.9 + e / 100}
