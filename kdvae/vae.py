@@ -280,7 +280,8 @@ def figures(workdir: Path, best, ds: data.Dataset, x_test, bounds: dict, log, se
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The final table: bounds in nats, KL and reconstruction terms, active units."""
+    """The final table: bounds in nats with the NLL's error bars and its weights' ESS,
+    the KL and reconstruction terms, I(x; z) and the active units."""
     r = results
     rows = [
         ("test negative ELBO", f"{r['test_neg_elbo']:.2f} nats"),
@@ -288,7 +289,6 @@ def format_table(results: dict[str, Any]) -> str:
             f"test NLL (IWAE, k={r['eval_k']}, {r['eval_examples']} images)",
             f"{r['test_nll']:.2f} nats (negative ELBO {r['eval_neg_elbo']:.2f} on them)",
         ),
-        ("reconstruction E_q[log p(x|z)]", f"{r['reconstruction']:.2f} nats"),
         ("  its Monte-Carlo standard error", f"{r['test_nll_mc_se']:.3f} nats"),
         ("  standard error over test images", _maybe(r["test_nll_data_se"], ".3f", " nats")),
         (
@@ -296,6 +296,7 @@ def format_table(results: dict[str, Any]) -> str:
             f"mean {r['ess_mean']:.1f}, worst {r['ess_min']:.1f}",
         ),
         ("KL(q(z|x) || p(z))", f"{r['kl']:.2f} nats"),
+        ("reconstruction E_q[log p(x|z)]", f"{r['reconstruction']:.2f} nats"),
         ("I(x; z), aggregate posterior", f"{r['mutual_information']:.2f} nats"),
         ("active latent units", f"{r['active_units']} / {r['latents']}"),
         ("epochs (best)", f"{r['epochs']} ({r['best_epoch']})"),
