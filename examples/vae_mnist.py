@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kdvae import cli, config, data, models, train, vae
+from kdvae import cli, config, data, models, stats, train, vae
 from kdvae.config import setting
 
 EPOCHS, LEARNING_RATE = config.between(0, 10_000), config.positive_up_to(1.0)
@@ -63,6 +63,12 @@ class Settings(cli.Common):
         check=config.between(1, 100_000),
         training=False,
     )
+    seeds: int = setting(
+        1,
+        "train N models (--seed, --seed + 1, ...): mean, std and 95 % interval over them",
+        check=config.between(1, 100),
+        training=False,
+    )
     eval_examples: int | None = setting(
         None,
         "test images for the NLL (default: all)",
@@ -100,8 +106,24 @@ def stored(s: Settings, ds: data.Dataset) -> dict:
     return {**s.training(), "model": s.model_config().to_dict(), "data": data.fingerprint(ds)}
 
 
-def fit(s: Settings, ds: data.Dataset, log: train.MetricsLog, x_eval: dict):
-    """The VAE trained on ``ds.train``: the model at its best validation epoch, and the fit."""
+def seeds(s: Settings) -> range:
+    return range(s.seed, s.seed + s.seeds)
+
+
+def stage_name(s: Settings, seed: int) -> str:
+    """``vae`` for the first seed (as with one), ``vae/seed_<k>`` for each further one:
+    its metrics rows and ``<workdir>/<stage>/checkpoints``."""
+    return "vae" if seed == s.seed else f"vae/seed_{seed}"
+
+
+def checkpoints(s: Settings, seed: int) -> Path:
+    return Path(s.workdir) / stage_name(s, seed) / "checkpoints"
+
+
+def fit(s: Settings, ds: data.Dataset, log: train.MetricsLog, x_eval: dict, seed: int):
+    """The VAE trained on ``ds.train`` from ``seed``: the model at its best validation
+    epoch, and the fit."""
+    stage, s = stage_name(s, seed), dataclasses.replace(s, seed=seed)
     model = models.build(
         lambda rngs: models.make_vae(s.model_config(), dtype=s.dtype, rngs=rngs),
         jax.random.key(s.seed),
@@ -120,14 +142,14 @@ def fit(s: Settings, ds: data.Dataset, log: train.MetricsLog, x_eval: dict):
     )
     trainer = train.Trainer(model, tx, objective)
     select = ("val_neg_elbo", "min") if len(ds.val) else ("test_neg_elbo", "min")
-    with train.Checkpointer(Path(s.workdir) / "vae" / "checkpoints") as checkpointer:
+    with train.Checkpointer(Path(s.workdir) / stage / "checkpoints") as checkpointer:
         fitted = train.fit(
             trainer,
             {"images": ds.train.images},
             train.Loop(s.epochs, s.batch_size, s.seed, select),
             evaluate=vae.negative_elbo(x_eval, jax.random.key(s.seed + 7)),
             context=lambda epoch: {"epoch": jnp.int32(epoch)},
-            stage=train.Stage("vae", checkpointer, log, stored(s, ds), s.resume, s.progress),
+            stage=train.Stage(stage, checkpointer, log, stored(s, ds), s.resume, s.progress),
         )
     return trainer.best_model(fitted), fitted
 
@@ -138,7 +160,8 @@ def experiment(s: Settings, ds: data.Dataset | None = None) -> dict:
     # that can refuse the run comes before its first file is written.
     ds = ds or data.load_dataset(s.dataset, data_dir=s.data_dir, val_size=s.val_size)
     train.check_batch_size(s.batch_size, len(ds.train), train.data_mesh())
-    train.check_resumable(Path(s.workdir) / "vae" / "checkpoints", stored(s, ds))
+    for seed in seeds(s):
+        train.check_resumable(checkpoints(s, seed), stored(dataclasses.replace(s, seed=seed), ds))
     with train.claim_workdir(s.workdir, resume=s.resume) as log:
         return train_and_report(s, ds, log)
 
@@ -151,16 +174,47 @@ def train_and_report(s: Settings, ds: data.Dataset, log: train.MetricsLog) -> di
         "test": vae.fixed_binarization(ds.test.images, s.seed, dynamic),
     }
 
-    # 2. The model, its objective and training (best epoch on validation).
-    best, fitted = fit(s, ds, log, x_eval)
+    # 2. One model per seed, each trained (best epoch on validation) and evaluated on
+    # the same binarized test images.
+    runs, first = [], None
+    for seed in seeds(s):
+        best, fitted = fit(s, ds, log, x_eval, seed)
+        run, bounds = evaluate(s, ds, best, fitted, x_eval["test"], seed)
+        runs.append(run)
+        first = first or (best, bounds)
+    results = {**runs[0], "seeds": list(seeds(s))}
+    if s.seeds > 1:
+        results["runs"] = runs
+        results["over_seeds"] = {key: stats.interval([r[key] for r in runs]) for key in SUMMARY}
+    results |= {
+        "config": s.to_dict(),
+        "data": data.fingerprint(ds),
+        "devices": [str(d) for d in jax.devices()],
+    }
 
-    # 3. Evaluation: the importance-sampled NLL on the test images.
+    # 4. Report.
+    train.check_finite_results(results)
+    if jax.process_index() == 0:  # one writer in a multi-host run
+        train.write_json(Path(s.workdir) / "results.json", results)
+        best, bounds = first
+        vae.figures(Path(s.workdir), best, ds, x_eval["test"], bounds, log, s.seed)
+    return results
+
+
+#: What the table and results.json summarise over seeds.
+SUMMARY = ("test_neg_elbo", "test_nll", "kl", "active_units", "mutual_information", "seconds")
+
+
+def evaluate(s: Settings, ds: data.Dataset, best, fitted, x_test, seed: int):
+    """3. One model's results: the importance-sampled NLL on the test images, with its
+    error bars and the posterior's diagnostics; and :func:`vae.evaluate_bounds`'s."""
     t0 = time.perf_counter()
     n_eval = min(len(ds.test) if s.eval_examples is None else s.eval_examples, len(ds.test))
-    eval_key = jax.random.key(s.seed + 7)
-    bounds = vae.evaluate_bounds(best, x_eval["test"][:n_eval], k=s.eval_k, key=eval_key)
+    eval_key = jax.random.key(seed + 7)
+    bounds = vae.evaluate_bounds(best, x_test[:n_eval], k=s.eval_k, key=eval_key)
     row = fitted.best_metrics  # the whole test set at the best epoch
-    results = {
+    run = {
+        "seed": seed,
         "test_neg_elbo": row["test_neg_elbo"],
         "test_nll": bounds["nll"],
         "test_nll_mc_se": bounds["nll_mc_se"],
@@ -181,23 +235,15 @@ def train_and_report(s: Settings, ds: data.Dataset, log: train.MetricsLog) -> di
         "best_epoch": fitted.best_epoch,
         "seconds": round(fitted.seconds, 1),
         "eval_seconds": round(time.perf_counter() - t0, 1),
-        "config": s.to_dict(),
-        "data": data.fingerprint(ds),
-        "devices": [str(d) for d in jax.devices()],
     }
-
-    # 4. Report.
-    train.check_finite_results(results)
-    if jax.process_index() == 0:  # one writer in a multi-host run
-        train.write_json(Path(s.workdir) / "results.json", results)
-        vae.figures(Path(s.workdir), best, ds, x_eval["test"], bounds, log, s.seed)
-    return results
+    return run, bounds
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = config.parse(Settings, argv, description=__doc__)
     with cli.errors_exit():
-        cli.check_workdir(Path(settings.workdir), ("vae",), settings.resume)
+        stages = [stage_name(settings, seed) for seed in seeds(settings)]
+        cli.check_workdir(Path(settings.workdir), stages, settings.resume)
         cli.setup(settings.distributed)
         results = experiment(settings)
         print(vae.format_table(results))

@@ -17,10 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 from flax import nnx
 
-from kdvae import data, losses, models, train
+from kdvae import data, losses, models, stats, train
 
 __all__ = [
     "DEFAULT_HYPERPARAMETERS",
@@ -29,7 +28,6 @@ __all__ = [
     "classification_loss",
     "distillation_objective",
     "format_table",
-    "interval",
     "load_teacher",
     "make_classifier",
     "method_loss",
@@ -377,42 +375,30 @@ def figures(
     plots.training_curves(workdir / "training_curves.png", log.rows(), keys=keys, stages=stages)
 
 
-def interval(values: Sequence[float]) -> dict[str, Any]:
-    """``{"mean", "std", "ci95", "n", "values"}`` of per-seed ``values``: the sample
-    standard deviation and Student's t 95 % interval for the mean (both ``None`` for
-    one value)."""
-    v = np.asarray(values, dtype=np.float64)
-    out = {"mean": float(v.mean()), "std": None, "ci95": None, "n": len(v), "values": list(values)}
-    if len(v) > 1:
-        std = float(v.std(ddof=1))
-        half = float(scipy.stats.t.ppf(0.975, len(v) - 1)) * std / np.sqrt(len(v))
-        out |= {"std": std, "ci95": [out["mean"] - half, out["mean"] + half]}
-    return out
-
-
 def over_seeds(runs: Sequence[dict], seeds: Sequence[int] | None = None) -> dict[str, Any]:
-    """One model's :func:`summary` over seeds: every run's numbers and an
-    :func:`interval` of the test errors, accuracies and best epochs."""
+    """One model's :func:`summary` over seeds: every run's numbers and a
+    :func:`kdvae.stats.interval` of the test errors, accuracies and best epochs."""
     out: dict[str, Any] = {"seeds": list(seeds) if seeds is not None else None, "runs": list(runs)}
     out["params"] = runs[0]["params"]
     out["seconds"] = round(sum(r["seconds"] for r in runs), 1)
     for key in ("test_errors", "test_accuracy", "val_accuracy"):
-        out[key] = interval([r[key] for r in runs])
+        out[key] = stats.interval([r[key] for r in runs])
     if "unseen" in runs[0]:
         unseen = [r["unseen"] for r in runs]
         out["unseen"] = {"classes": unseen[0]["classes"]}
         for when in ("before", "after"):
             out["unseen"][when] = {
-                key: interval([u[when][key] for u in unseen])
+                key: stats.interval([u[when][key] for u in unseen])
                 for key in ("test_errors", "unseen_accuracy")
             }
     return out
 
 
-def _mean_std(stats: dict, digits: int = 1) -> str:
-    if stats["std"] is None:
-        return f"{stats['mean']:.{digits}f}"
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+def _mean_std(summary: dict, digits: int = 1) -> str:
+    """``mean ± std`` of a :func:`kdvae.stats.interval` (the mean alone for one value)."""
+    if summary["std"] is None:
+        return f"{summary['mean']:.{digits}f}"
+    return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
 
 
 def format_table(results: dict[str, Any]) -> str:

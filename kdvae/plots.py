@@ -307,7 +307,7 @@ def intervals_figure(
     Args:
       path: where to write the PNG.
       intervals: ``{model: {"mean", "ci95": [low, high] or None, "values": [...]}}``, as
-        :func:`kdvae.distill.interval` gives; drawn top to bottom in this order.
+        :func:`kdvae.stats.interval` gives; drawn top to bottom in this order.
       xlabel: what the numbers are.
 
     Returns:

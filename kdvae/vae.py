@@ -281,7 +281,8 @@ def figures(workdir: Path, best, ds: data.Dataset, x_test, bounds: dict, log, se
 
 def format_table(results: dict[str, Any]) -> str:
     """The final table: bounds in nats with the NLL's error bars and its weights' ESS,
-    the KL and reconstruction terms, I(x; z) and the active units."""
+    the KL and reconstruction terms, I(x; z) and the active units (of the first seed);
+    then, with several seeds, each summary's mean ± std and 95 % interval over them."""
     r = results
     rows = [
         ("test negative ELBO", f"{r['test_neg_elbo']:.2f} nats"),
@@ -302,8 +303,21 @@ def format_table(results: dict[str, Any]) -> str:
         ("epochs (best)", f"{r['epochs']} ({r['best_epoch']})"),
         ("seconds (train, eval)", f"{r['seconds']:.1f}, {r['eval_seconds']:.1f}"),
     ]
+    summary = r.get("over_seeds", {})
+    if summary:
+        rows.insert(0, (f"seed {r['seed']}", ""))
+        n = next(iter(summary.values()))["n"]
+        rows.append(
+            (f"over {n} seeds (seeds {r['seeds'][0]}-{r['seeds'][-1]})", "mean ± std [95 % CI]")
+        )
+        rows += [(f"  {name}", _over_seeds(summary[name])) for name in summary]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _over_seeds(s: dict) -> str:
+    low, high = s["ci95"]
+    return f"{s['mean']:.2f} ± {s['std']:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def _maybe(value, spec: str, unit: str = "") -> str:

@@ -345,6 +345,28 @@ def test_vae_writes_results_metrics_figures_checkpoints(vae_run):
     assert ckpt.latest_step() == 600 // 32
 
 
+def test_vae_seeds_report_intervals_and_resume_adds_a_seed(vae_example, tiny_idx_dir, tmp_path):
+    workdir = tmp_path / "run"
+    argv = ["--data-dir", tiny_idx_dir, "--workdir", workdir, *VAE_TINY, "--eval-examples", 20]
+    stdout = run_main(vae_example, [*argv, "--seeds", 2])
+    results = read_results(workdir)
+    assert results["seeds"] == [0, 1] and [r["seed"] for r in results["runs"]] == [0, 1]
+    first, second = results["runs"]
+    assert first["test_nll"] == results["test_nll"] != second["test_nll"]  # two models
+    nll = results["over_seeds"]["test_nll"]
+    assert nll["values"] == [first["test_nll"], second["test_nll"]] and nll["n"] == 2
+    assert nll["ci95"][0] < nll["mean"] < nll["ci95"][1]
+    assert "over 2 seeds (seeds 0-1)" in stdout and "  test_nll " in stdout
+    assert {r["stage"] for r in metrics_rows(workdir)} == {"vae", "vae/seed_1"}
+    # A third seed on --resume trains only that one; the first two come back as they were.
+    run_main(vae_example, [*argv, "--seeds", 3, "--resume"])
+    again = read_results(workdir)
+    assert [r["stage"] for r in metrics_rows(workdir)].count("vae/seed_2") == 1
+    untimed = lambda runs: [{k: v for k, v in r.items() if "seconds" not in k} for r in runs]  # noqa: E731
+    assert untimed(again["runs"][:2]) == untimed(results["runs"])
+    assert again["over_seeds"]["test_nll"]["n"] == 3
+
+
 def test_vae_2d_through_tfds_manifold_and_iwae_below_elbo(vae_example, tmp_path):
     # TFDS's mock data (random images) in place of a download; all 96 test images for both
     # bounds, so that they are comparable.
