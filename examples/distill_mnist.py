@@ -60,6 +60,8 @@ class Settings(cli.Common):
         "paper": dict(
             teacher="hinton_teacher",
             teacher_epochs=60,
+            teacher_lr=1e-3,
+            teacher_warmup=0.0,
             student_epochs=60,
             temperature=20.0,
             alpha=0.1,
@@ -74,7 +76,7 @@ class Settings(cli.Common):
     student: str = setting(
         "hinton_student", "student model", choices=tuple(models.CLASSIFIER_PRESETS)
     )
-    teacher_epochs: int = setting(10, "the teacher's epochs", check=EPOCHS)
+    teacher_epochs: int = setting(6, "the teacher's epochs", check=EPOCHS)
     student_epochs: int = setting(30, "each student's epochs", check=EPOCHS)
     temperature: float = setting(8.0, "distillation temperature T", check=TEMPERATURE)
     alpha: float = setting(
@@ -111,14 +113,15 @@ class Settings(cli.Common):
     ls_alpha: float = setting(HYPER["ls_alpha"], "kd_ls's hard-label weight", check=UNIT)
     jsd_beta: float = setting(HYPER["jsd_beta"], "the teacher's weight in the JSD", check=UNIT)
     batch_size: int = setting(128, "global batch size", check=config.between(1, 65536))
-    learning_rate: float = setting(1e-3, "Adam learning rate", check=LEARNING_RATE, flag="lr")
-    teacher_lr: float | None = setting(
-        None, "the teacher's peak Adam learning rate (default: --lr)", check=LEARNING_RATE
+    learning_rate: float = setting(
+        1e-3, "the students' Adam learning rate", check=LEARNING_RATE, flag="lr"
     )
-    teacher_warmup: int = setting(
-        0,
-        "epochs of linear learning-rate warm-up before the teacher's cosine decay",
-        check=config.between(0, 10_000),
+    teacher_lr: float = setting(2e-3, "the teacher's peak Adam learning rate", check=LEARNING_RATE)
+    teacher_warmup: float = setting(
+        round(1 / 6, 4),
+        "fraction of the teacher's steps spent warming its learning rate up from 0, "
+        "before its cosine decay",
+        check=config.between(0, 0.5, "in [0, 0.5]"),
     )
     teacher_jitter: int = setting(
         0,
@@ -147,11 +150,6 @@ class Settings(cli.Common):
     def check(self):
         if self.omit_classes and self.keep_classes:
             raise config.ConfigError("give --omit-classes or --keep-classes, not both.")
-        if self.teacher_warmup >= self.teacher_epochs:
-            raise config.ConfigError(
-                f"--teacher-warmup ({self.teacher_warmup}) must be below --teacher-epochs "
-                f"({self.teacher_epochs})."
-            )
 
 
 # ----------------------------------------------------------------------- the stages
@@ -210,7 +208,7 @@ def train_stage(run: Run, name: str, rows: dict, loss_fn, context=None, seed=Non
     epochs = s.teacher_epochs if name == "teacher" else s.student_epochs
     model = distill.make_classifier(preset, seed, index, s.dtype)
     steps = max(len(rows["labels"]) // s.batch_size, 1)
-    tx = optax.adam(learning_rate_schedule(s, name, epochs * steps, steps))
+    tx = optax.adam(learning_rate_schedule(s, name, epochs * steps))
     trainer = train.Trainer(model, tx, loss_fn)
     stage_id = stage_name(name, None if name == "teacher" else seed)
     with train.Checkpointer(run.checkpoints(stage_id)) as checkpointer:
@@ -222,14 +220,15 @@ def train_stage(run: Run, name: str, rows: dict, loss_fn, context=None, seed=Non
     return trainer.best_model(fitted), fitted
 
 
-def learning_rate_schedule(s: Settings, name: str, total: int, steps_per_epoch: int):
-    """Cosine decay to 0 over the ``total`` steps; the teacher's after a linear warm-up
-    of ``--teacher-warmup`` epochs to ``--teacher-lr``."""
+def learning_rate_schedule(s: Settings, name: str, total: int):
+    """Cosine decay to 0 over the ``total`` steps; the teacher's to and from
+    ``--teacher-lr``, after a linear warm-up over ``--teacher-warmup`` of its steps."""
     teacher = name == "teacher"
-    peak = (s.teacher_lr if teacher else None) or s.learning_rate
-    if not (teacher and s.teacher_warmup):
+    peak = s.teacher_lr if teacher else s.learning_rate
+    warmup = round(s.teacher_warmup * total) if teacher else 0
+    if not warmup:
         return optax.cosine_decay_schedule(peak, total)
-    return optax.warmup_cosine_decay_schedule(0.0, peak, s.teacher_warmup * steps_per_epoch, total)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total)
 
 
 def student_rows(run: Run, teacher: nnx.Module, transfer: data.Split) -> tuple[dict, object]:
