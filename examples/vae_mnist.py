@@ -56,7 +56,23 @@ class Settings(cli.Common):
     beta: float = setting(1.0, "KL weight (1: the true ELBO)", check=config.between(0, 1000))
     kl_warmup_epochs: int = setting(0, "anneal the KL weight over n epochs", check=EPOCHS)
     free_bits: float = setting(0.0, "nats per latent not penalised", check=config.between(0, 100))
-    binarization: str = setting("dynamic", "of the grey levels", choices=("dynamic", "threshold"))
+    likelihood: str = setting(
+        "bernoulli",
+        "the decoder: bernoulli on binarized images, or gaussian on dequantized grey levels "
+        "(reports bits per dimension)",
+        choices=("bernoulli", "gaussian"),
+    )
+    decoder_logvar: float | None = setting(
+        None,
+        "gaussian: a fixed decoder log-variance (default: decoded from z, one per pixel)",
+        check=config.between(-20, 20),
+    )
+    binarization: str = setting(
+        "dynamic",
+        "dynamic: a fresh binarization (gaussian: dequantization noise) per batch; "
+        "threshold: at 0.5 (gaussian: mid-level)",
+        choices=("dynamic", "threshold"),
+    )
     eval_k: int = setting(
         1000,
         "importance samples for the test NLL",
@@ -77,6 +93,8 @@ class Settings(cli.Common):
     )
 
     def check(self):
+        if self.decoder_logvar is not None and self.likelihood != "gaussian":
+            raise config.ConfigError("--decoder-logvar is for --likelihood gaussian.")
         if self.objective not in vae.GRADIENTS[self.gradient]:
             raise config.ConfigError(
                 f"--gradient {self.gradient} is for --objective {vae.GRADIENTS[self.gradient][0]}."
@@ -98,7 +116,10 @@ class Settings(cli.Common):
 
     def model_config(self) -> models.VAEConfig:
         preset = models.VAE_PRESETS[self.preset]
-        return preset if self.latents is None else dataclasses.replace(preset, latents=self.latents)
+        latents = preset.latents if self.latents is None else self.latents
+        return dataclasses.replace(
+            preset, latents=latents, likelihood=self.likelihood, decoder_logvar=self.decoder_logvar
+        )
 
 
 def stored(s: Settings, ds: data.Dataset) -> dict:
@@ -170,8 +191,8 @@ def train_and_report(s: Settings, ds: data.Dataset, log: train.MetricsLog) -> di
     """Training, the final evaluation, results.json and the figures."""
     dynamic = s.binarization == "dynamic"
     x_eval = {
-        "val": vae.fixed_binarization(ds.val.images, s.seed + 1, dynamic),
-        "test": vae.fixed_binarization(ds.test.images, s.seed, dynamic),
+        "val": vae.fixed_inputs(ds.val.images, s.seed + 1, dynamic, s.likelihood),
+        "test": vae.fixed_inputs(ds.test.images, s.seed, dynamic, s.likelihood),
     }
 
     # 2. One model per seed, each trained (best epoch on validation) and evaluated on
@@ -185,7 +206,8 @@ def train_and_report(s: Settings, ds: data.Dataset, log: train.MetricsLog) -> di
     results = {**runs[0], "seeds": list(seeds(s))}
     if s.seeds > 1:
         results["runs"] = runs
-        results["over_seeds"] = {key: stats.interval([r[key] for r in runs]) for key in SUMMARY}
+        summary = [key for key in SUMMARY if key in runs[0]]
+        results["over_seeds"] = {key: stats.interval([r[key] for r in runs]) for key in summary}
     results |= {
         "config": s.to_dict(),
         "data": data.fingerprint(ds),
@@ -202,7 +224,15 @@ def train_and_report(s: Settings, ds: data.Dataset, log: train.MetricsLog) -> di
 
 
 #: What the table and results.json summarise over seeds.
-SUMMARY = ("test_neg_elbo", "test_nll", "kl", "active_units", "mutual_information", "seconds")
+SUMMARY = (
+    "test_neg_elbo",
+    "test_nll",
+    "test_bpd",  # a Gaussian decoder's
+    "kl",
+    "active_units",
+    "mutual_information",
+    "seconds",
+)
 
 
 def evaluate(s: Settings, ds: data.Dataset, best, fitted, x_test, seed: int):
@@ -236,6 +266,8 @@ def evaluate(s: Settings, ds: data.Dataset, best, fitted, x_test, seed: int):
         "seconds": round(fitted.seconds, 1),
         "eval_seconds": round(time.perf_counter() - t0, 1),
     }
+    if s.likelihood == "gaussian":  # a density on dequantized grey levels: in bits per pixel
+        run["test_bpd"] = vae.bits_per_dimension(bounds["nll"])
     return run, bounds
 
 

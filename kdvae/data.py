@@ -40,6 +40,7 @@ __all__ = [
     "Dataset",
     "Split",
     "binarize",
+    "dequantize",
     "filter_classes",
     "fingerprint",
     "jitter",
@@ -456,6 +457,22 @@ def binarize(
     if key is None:
         raise ValueError("binarize(dynamic=True) needs a PRNG key, got None.")
     return kernels.bernoulli(key, images).astype(jnp.float32)
+
+
+def dequantize(key: jax.Array | None, images: ArrayLike) -> jax.Array:
+    """uint8 images ``[N, ...]`` -> float32 ``[N, D]`` in ``[0, 1)``: ``(pixel + u) / 256``
+    with ``u ~ U(0, 1)`` per pixel, or ``u = 1/2`` with ``key=None``.
+
+    Uniform dequantization (Theis et al. 2016): a continuous density on it is a density
+    on the 256 grey levels once ``D log 256`` nats are added (see bits per dimension in
+    :mod:`kdvae.vae`).
+    """
+    images = jnp.asarray(images)
+    if images.dtype != np.uint8:
+        raise TypeError(f"dequantize expects uint8 images (0..255), got dtype {images.dtype}.")
+    flat = images.reshape(images.shape[0], -1).astype(jnp.float32)
+    u = 0.5 if key is None else kernels.uniform(key, flat.shape)
+    return (flat + u) / 256.0
 
 
 def to_unit_float(images: jax.Array) -> jax.Array:

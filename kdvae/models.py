@@ -307,7 +307,9 @@ class MLP(nnx.Module):
 
 
 class VAE(nnx.Module):
-    """MLP VAE: Gaussian encoder ``q(z|x)``, Bernoulli decoder ``p(x|z)`` (logits).
+    """MLP VAE: Gaussian encoder ``q(z|x)``; a Bernoulli decoder ``p(x|z)`` (logits), or
+    with ``likelihood="gaussian"`` a Gaussian one (a mean and a log-variance per pixel,
+    both decoded from ``z``; or the log-variance fixed at ``decoder_logvar``).
 
     The encoder's log-variance is soft-bounded, ``logvar = b * tanh(raw / b)`` with
     ``b = logvar_bound`` (default 10: standard deviations between ``exp(-5) ~ 0.0067``
@@ -325,10 +327,14 @@ class VAE(nnx.Module):
         latents: int = 20,
         activation: str = "relu",
         logvar_bound: float = 10.0,
+        likelihood: str = "bernoulli",
+        decoder_logvar: float | None = None,
         dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         _activation(activation)
+        if likelihood not in ("bernoulli", "gaussian"):
+            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}.")
         self.encoder = MLP([num_inputs, *encoder_widths], activation, dtype=dtype, rngs=rngs)
         enc_out = encoder_widths[-1] if encoder_widths else num_inputs
         self.mean = nnx.Linear(enc_out, latents, dtype=dtype, rngs=rngs)
@@ -339,6 +345,10 @@ class VAE(nnx.Module):
         self.dtype = dtype
         self.logvar_bound = logvar_bound
         self.latents = latents
+        self.likelihood = likelihood
+        self.decoder_logvar = decoder_logvar
+        if likelihood == "gaussian" and decoder_logvar is None:  # learned, per pixel
+            self.pixel_logvar = nnx.Linear(dec_out, num_inputs, dtype=dtype, rngs=rngs)
 
     def encode(self, x: jax.Array) -> losses.DiagonalGaussian:
         """``[B, 784]`` (or ``[B, 28, 28, 1]``) -> the posterior ``q(z|x)``, a
@@ -348,9 +358,24 @@ class VAE(nnx.Module):
         bound = self.logvar_bound
         return losses.DiagonalGaussian(mean, bound * jnp.tanh(raw / bound))
 
-    def decode(self, z: jax.Array) -> jax.Array:
-        """``[..., L]`` latents -> ``[..., 784]`` Bernoulli logits (float32)."""
-        return self.logits(self.decoder(z.astype(self.dtype))).astype(jnp.float32)
+    def decode(self, z: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """``[..., L]`` latents -> ``[..., 784]`` Bernoulli logits (float32); for a
+        Gaussian decoder, ``(mean [..., 784], logvar [..., 784])``, the log-variance
+        soft-bounded as the encoder's (or the fixed scalar)."""
+        h = self.decoder(z.astype(self.dtype))
+        out = self.logits(h).astype(jnp.float32)
+        if self.likelihood == "bernoulli":
+            return out
+        if self.decoder_logvar is not None:
+            return out, jnp.float32(self.decoder_logvar)
+        raw = self.pixel_logvar(h).astype(jnp.float32)
+        return out, self.logvar_bound * jnp.tanh(raw / self.logvar_bound)
+
+    def mean_image(self, z: jax.Array) -> jax.Array:
+        """``[..., L]`` -> the decoder's mean ``E[x | z]`` ``[..., 784]``, in ``[0, 1]``
+        (for pictures)."""
+        out = self.decode(z)
+        return jax.nn.sigmoid(out) if self.likelihood == "bernoulli" else jnp.clip(out[0], 0, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +386,8 @@ class VAEConfig:
     decoder_widths: tuple[int, ...] = (500,)
     latents: int = 20
     activation: str = "relu"
+    likelihood: str = "bernoulli"  # or "gaussian" (dequantized grey levels)
+    decoder_logvar: float | None = None  # Gaussian: fixed, or None to decode one per pixel
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -384,6 +411,8 @@ def make_vae(config: VAEConfig, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -
         decoder_widths=config.decoder_widths,
         latents=config.latents,
         activation=config.activation,
+        likelihood=config.likelihood,
+        decoder_logvar=config.decoder_logvar,
         dtype=jnp.dtype(dtype),
         rngs=rngs,
     )

@@ -3,9 +3,12 @@
 ``examples/vae_mnist.py`` wires them: the ELBO (Kingma & Welling 2014) or Burda et al.'s
 IWAE bound as the training objective; every epoch the negative ELBO on the validation
 split (which picks the best epoch) and the test split; at the end, the importance-sampled
-negative log-likelihood ``-log p(x) ~ -IWAE_k`` on the test set. The evaluation images
-are binarized once, with a seeded Bernoulli sample (or the fixed threshold), so every
-evaluation sees the same binary images.
+negative log-likelihood ``-log p(x) ~ -IWAE_k`` on the test set.
+
+The model's likelihood decides what it sees: a Bernoulli decoder binary images
+(:func:`data.binarize`), a Gaussian one dequantized grey levels (:func:`data.dequantize`).
+Training draws a fresh binarization (or dequantization) per batch when ``dynamic``; the
+evaluation images are drawn once, seeded, so every evaluation sees the same ones.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from kdvae import data, losses, train
 
 __all__ = [
     "binarize",
+    "inputs",
     "evaluate_bounds",
-    "fixed_binarization",
+    "bits_per_dimension",
+    "fixed_inputs",
     "figures",
     "format_table",
     "negative_elbo",
@@ -35,6 +40,21 @@ __all__ = [
 def binarize(key: jax.Array | None, images: jax.Array, *, dynamic: bool = True) -> jax.Array:
     """uint8 images ``[B, 28, 28, 1]`` -> float32 0/1 ``[B, 784]`` (see :func:`data.binarize`)."""
     return data.binarize(key, data.to_float(images), dynamic=dynamic)
+
+
+def inputs(key: jax.Array | None, images: jax.Array, likelihood: str, *, dynamic: bool = True):
+    """uint8 images ``[B, 28, 28, 1]`` -> what a ``likelihood`` decoder models, float32
+    ``[B, 784]``: binary for ``"bernoulli"``; dequantized ``(pixel + u) / 256`` for
+    ``"gaussian"`` (``u ~ U(0, 1)`` when ``dynamic``, else 1/2)."""
+    if likelihood == "gaussian":
+        return data.dequantize(key if dynamic else None, images)
+    return binarize(key, images, dynamic=dynamic)
+
+
+def bits_per_dimension(nll: float, dims: int = 784) -> float:
+    """A negative log-likelihood in nats of a density on dequantized ``[0, 1)^dims`` ->
+    bits per dimension of the 256 grey levels: ``(nll / dims + log 256) / log 2``."""
+    return (nll / dims + np.log(256.0)) / np.log(2.0)
 
 
 def objective(
@@ -63,7 +83,8 @@ def objective(
       free_bits: Kingma et al.'s (2016) free bits: each latent dimension's batch-mean
         KL below this many nats is not penalised. Metrics still report the true KL.
       dynamic_binarization: binarize with a fresh Bernoulli sample of the grey levels
-        every batch; else threshold at 0.5.
+        every batch (a Gaussian decoder: dequantize with fresh uniform noise); else
+        threshold at 0.5 (dequantize at mid-level).
       gradient: the encoder's gradient estimator: ``"reparameterized"`` (the plain
         one), ``"stl"`` for the ELBO (:func:`kdvae.losses.stl_elbo`: the KL is then
         sampled; no free bits) or ``"dreg"`` for the IWAE bound
@@ -89,14 +110,16 @@ def objective(
 
     def loss_fn(model: nnx.Module, batch: dict, key: jax.Array, context: Any):
         binarize_key, sample_key, iwae_key = jax.random.split(key, 3)
-        x = binarize(binarize_key, batch["images"], dynamic=dynamic_binarization)
+        likelihood = model.likelihood
+        x = inputs(binarize_key, batch["images"], likelihood, dynamic=dynamic_binarization)
         posterior = model.encode(x)
         elbo = losses.stl_elbo if gradient == "stl" else losses.elbo
-        terms = elbo(sample_key, x, posterior, model.decode, num_samples=num_samples)
+        kw = dict(likelihood=likelihood)
+        terms = elbo(sample_key, x, posterior, model.decode, num_samples=num_samples, **kw)
         true_kl = posterior.kl_to_standard_normal()  # analytic (STL's terms.kl is sampled)
         if objective == "iwae":
             bound = losses.dreg_iwae_bound if gradient == "dreg" else losses.iwae_bound
-            loss = -bound(iwae_key, x, posterior, model.decode, num_samples=k).mean()
+            loss = -bound(iwae_key, x, posterior, model.decode, num_samples=k, **kw).mean()
         else:
             kl = terms.kl.mean()
             if free_bits:
@@ -126,10 +149,13 @@ def _check_gradient(gradient: str, objective: str, free_bits: float) -> None:
         raise ValueError("gradient 'stl' samples the KL: it takes no free_bits.")
 
 
-def fixed_binarization(images: np.ndarray, seed: int, dynamic: bool) -> jax.Array:
-    """The test set's one binarization: a Bernoulli sample seeded by ``seed``."""
+def fixed_inputs(
+    images: np.ndarray, seed: int, dynamic: bool, likelihood: str = "bernoulli"
+) -> jax.Array:
+    """An evaluation split's one binarization (or dequantization), seeded by ``seed``:
+    :func:`inputs`."""
     key = jax.random.fold_in(jax.random.key(seed), 12345)
-    return binarize(key, jnp.asarray(images), dynamic=dynamic)
+    return inputs(key, jnp.asarray(images), likelihood, dynamic=dynamic)
 
 
 def _bounds_fn(graphdef: nnx.GraphDef, k: int, chunk: int, batch_size: int):
@@ -143,9 +169,10 @@ def _bounds_fn(graphdef: nnx.GraphDef, k: int, chunk: int, batch_size: int):
         def one_batch(xb, index):
             elbo_key, iwae_key = jax.random.split(jax.random.fold_in(key, index))
             posterior = model.encode(xb)  # once, for both bounds and the diagnostics
-            terms = losses.elbo(elbo_key, xb, posterior, model.decode)
+            kw = dict(likelihood=model.likelihood)
+            terms = losses.elbo(elbo_key, xb, posterior, model.decode, **kw)
             sampled = losses.importance_sampled_log_px(
-                iwae_key, xb, posterior, model.decode, num_samples=k, chunk_size=chunk
+                iwae_key, xb, posterior, model.decode, num_samples=k, chunk_size=chunk, **kw
             )
             return terms.elbo, terms.reconstruction, terms.kl, sampled, posterior
 
@@ -216,7 +243,10 @@ def _elbo_fn(graphdef: nnx.GraphDef):
         model = nnx.merge(graphdef, state)
 
         def one(xb, index):
-            return losses.elbo(jax.random.fold_in(key, index), xb, model.encode(xb), model.decode)
+            key_b = jax.random.fold_in(key, index)
+            return losses.elbo(
+                key_b, xb, model.encode(xb), model.decode, likelihood=model.likelihood
+            )
 
         terms = train.batched_apply(one, x, batch_size=1000, with_index=True)
         return {
@@ -253,15 +283,13 @@ def figures(workdir: Path, best, ds: data.Dataset, x_test, bounds: dict, log, se
 
     means = bounds["means"]
     plots.kl_per_dimension_figure(workdir / "kl_per_dimension.png", bounds["kl_per_dimension"])
-    # Figures: probabilities (sigmoid of the logits), never logits.
+    # Figures: the decoder's means in [0, 1] (probabilities for a Bernoulli), never logits.
     z = jax.random.normal(jax.random.key(seed + 3), (64, best.latents))
     plots.image_grid(
-        workdir / "samples.png",
-        np.asarray(jax.nn.sigmoid(best.decode(z))),
-        title="samples from the prior",
+        workdir / "samples.png", np.asarray(best.mean_image(z)), title="samples from the prior"
     )
     originals = x_test[:16]
-    recon = jax.nn.sigmoid(best.decode(best.encode(originals).mean))
+    recon = best.mean_image(best.encode(originals).mean)
     plots.reconstructions_figure(
         workdir / "reconstructions.png", np.asarray(originals), np.asarray(recon), n=16
     )
@@ -270,7 +298,7 @@ def figures(workdir: Path, best, ds: data.Dataset, x_test, bounds: dict, log, se
     if best.latents == 2:
         plots.manifold_figure(
             workdir / "manifold.png",
-            lambda z: np.asarray(jax.nn.sigmoid(best.decode(jnp.asarray(z)))),
+            lambda z: np.asarray(best.mean_image(jnp.asarray(z))),
         )
     plots.training_curves(
         workdir / "training_curves.png",
@@ -290,6 +318,7 @@ def format_table(results: dict[str, Any]) -> str:
             f"test NLL (IWAE, k={r['eval_k']}, {r['eval_examples']} images)",
             f"{r['test_nll']:.2f} nats (negative ELBO {r['eval_neg_elbo']:.2f} on them)",
         ),
+        *([("  in bits per dimension", f"{r['test_bpd']:.4f}")] if "test_bpd" in r else []),
         ("  its Monte-Carlo standard error", f"{r['test_nll_mc_se']:.3f} nats"),
         ("  standard error over test images", _maybe(r["test_nll_data_se"], ".3f", " nats")),
         (

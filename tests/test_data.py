@@ -490,3 +490,16 @@ def test_real_fashion_mnist_folder():
         assert set(np.unique(split.labels).tolist()) == set(range(10))
     assert data.class_names == FASHION_MNIST_NAMES and data.num_classes == 10
     assert data.train.images.max() == 255
+
+
+def test_dequantize_spreads_each_grey_level_over_its_own_bin():
+    images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, 0)
+    fixed = np.asarray(data_module.dequantize(None, images))
+    np.testing.assert_allclose(fixed[0], (np.arange(256) + 0.5) / 256, rtol=1e-6)
+    drawn = np.asarray(data_module.dequantize(jax.random.key(0), images))
+    assert drawn.shape == (3, 256) and drawn.dtype == np.float32
+    low = np.arange(256) / 256
+    assert np.all((drawn >= low) & (drawn < low + 1 / 256))  # [p/256, (p+1)/256)
+    assert not np.allclose(drawn[0], drawn[1])  # fresh noise per pixel
+    with pytest.raises(TypeError, match="uint8"):
+        data_module.dequantize(None, images.astype(np.float32))

@@ -349,6 +349,25 @@ def test_vae_writes_results_metrics_figures_checkpoints(vae_run):
     assert ckpt.latest_step() == 600 // 32
 
 
+def test_vae_gaussian_likelihood_reports_bits_per_dimension(vae_example, tiny_idx_dir, tmp_path):
+    workdir = tmp_path / "run"
+    stdout = run_main(vae_example, ["--data-dir", tiny_idx_dir, "--workdir", workdir, *VAE_TINY,
+                                    "--eval-examples", 20, "--likelihood", "gaussian"])  # fmt: skip
+    results = read_results(workdir)
+    assert results["config"]["likelihood"] == "gaussian"
+    # bits per dimension of the 256 grey levels, from the NLL of the dequantized images
+    assert results["test_bpd"] == pytest.approx(
+        (results["test_nll"] / 784 + np.log(256)) / np.log(2)
+    )
+    assert 0 < results["test_bpd"] < 16 and "in bits per dimension" in stdout
+    from kdvae import vae
+
+    assert vae.bits_per_dimension(0.0) == pytest.approx(8.0)  # uniform on [0, 1): 8 bits
+    code, err = exit_code(vae_example, ["--data-dir", tiny_idx_dir, "--workdir", tmp_path / "b",
+                                        *VAE_TINY, "--decoder-logvar", -2])  # fmt: skip
+    assert code == 2 and "--decoder-logvar is for --likelihood gaussian" in err
+
+
 def test_vae_seeds_report_intervals_and_resume_adds_a_seed(vae_example, tiny_idx_dir, tmp_path):
     workdir = tmp_path / "run"
     argv = ["--data-dir", tiny_idx_dir, "--workdir", workdir, *VAE_TINY, "--eval-examples", 20]

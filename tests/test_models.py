@@ -248,6 +248,30 @@ def test_small_vae_runs():
     assert all(np.all(np.isfinite(a)) for a in (mean, logvar, logits))
 
 
+def test_gaussian_vae_decodes_a_mean_and_a_variance_per_pixel():
+    learned = models.VAE(encoder_widths=(16,), decoder_widths=(8,), latents=3,
+                         likelihood="gaussian", rngs=nnx.Rngs(0))  # fmt: skip
+    fixed = models.VAE(encoder_widths=(16,), decoder_widths=(8,), latents=3,
+                       likelihood="gaussian", decoder_logvar=-3.0, rngs=nnx.Rngs(0))  # fmt: skip
+    z = jax.random.normal(jax.random.key(0), (4, 5, 3))  # [k, B, L]
+    mean, logvar = learned.decode(z)
+    assert mean.shape == logvar.shape == (4, 5, 784)
+    assert np.all(np.abs(np.asarray(logvar)) <= learned.logvar_bound)
+    assert not np.allclose(logvar[0, 0], logvar[0, 1])  # decoded from z, per example
+    mean_fixed, logvar_fixed = fixed.decode(z)
+    assert mean_fixed.shape == (4, 5, 784) and float(logvar_fixed) == -3.0
+    assert models.count_params(learned) == models.count_params(fixed) + 8 * 784 + 784
+    image = np.asarray(learned.mean_image(z))
+    assert image.shape == (4, 5, 784) and image.min() >= 0.0 and image.max() <= 1.0
+    # Through the bounds: a Gaussian decoder with likelihood="gaussian".
+    x = jax.random.uniform(jax.random.key(1), (5, 784))
+    terms = losses.elbo(jax.random.key(2), x, learned.encode(x), learned.decode,
+                        likelihood="gaussian")  # fmt: skip
+    assert terms.elbo.shape == (5,) and np.all(np.isfinite(terms.elbo))
+    with pytest.raises(ValueError, match="likelihood must be"):
+        models.VAE(likelihood="poisson", rngs=nnx.Rngs(0))
+
+
 def test_vae_logvar_stays_within_its_bound_for_huge_inputs():
     vae = models.VAE(encoder_widths=(16,), decoder_widths=(16,), latents=4, rngs=nnx.Rngs(0))
     vae.logvar.kernel[...] = vae.logvar.kernel[...] * 1e3
