@@ -88,19 +88,30 @@ _CACHE_SETTINGS = (
 )
 
 
+def session_folder(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder of this test session's, shared by its pytest-xdist workers (each of
+    which has its own ``popen-gw<N>`` base temporary folder under the session's)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if base.name.startswith("popen-gw") else base) / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory: pytest.TempPathFactory):
-    """JAX's persistent compilation cache in a temporary folder, for one test module.
+    """JAX's persistent compilation cache, shared by the test modules that use it (and
+    both workers) for the whole session.
 
-    Every ``Trainer`` jits a new closure, so a module that builds many of them compiles
-    the same step again and again; with the cache the repeats are disk reads. The
-    settings (and ``KDVAE_CACHE_DIR``) are restored afterwards. Use it through
+    Every ``Trainer`` jits a new closure, so the modules that build many of them (the
+    examples' tiny runs in several modules) compile the same steps again and again;
+    with the cache the repeats are disk reads. The settings (and ``KDVAE_CACHE_DIR``)
+    are restored after each module. Use it through
     ``pytestmark = pytest.mark.usefixtures("compilation_cache")``.
     """
     before = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
     with pytest.MonkeyPatch.context() as patch:
         # Also where cli.setup() (the examples' main) and subprocesses look.
-        patch.setenv("KDVAE_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        patch.setenv("KDVAE_CACHE_DIR", str(session_folder(tmp_path_factory, "jax_cache")))
         train.enable_compilation_cache()
         yield
     for name, value in before.items():
