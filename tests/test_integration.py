@@ -33,20 +33,22 @@ def fashion_mnist() -> kdata.Dataset:
 def test_distilled_student_beats_the_student_alone(fashion_mnist, tmp_path, compilation_cache):
     """Hinton et al. section 5: soft targets carry what a small transfer set lacks.
 
-    The CNN teacher trains 3 epochs on all 55,000 training images; the 2x800 student
-    sees only the first 3,000, for 20 epochs, alone or distilled (quick preset: T=8,
-    alpha=0.5). Seeds 0, 1, 2 gave test errors teacher 1083/1130/1077, student alone
-    1576/1624/1610, distilled 1513/1527/1559: gains of 63, 97 and 51.
+    The CNN teacher trains 2 epochs on all 55,000 training images (the quick preset's
+    schedule: warm-up, peak learning rate 2e-3, cosine decay); the 2x800 student sees
+    only the first 3,000, for 20 epochs, alone or distilled (quick preset: T=8,
+    alpha=0.5). Seeds 0, 1, 2 gave test errors teacher 1082/1138/1110 (accuracy
+    0.8918/0.8862/0.8890), student alone 1576/1624/1610, distilled 1531/1529/1551:
+    gains of 45, 95 and 59.
     """
     example = load_script("examples/distill_mnist.py")
     settings = config.make(
         example.Settings, preset="quick", dataset="fashion_mnist", workdir=str(tmp_path),
-        seed=0, teacher_epochs=3, student_epochs=20, transfer_size=3000, cache_teacher=True,
+        seed=0, teacher_epochs=2, student_epochs=20, transfer_size=3000, cache_teacher=True,
         progress=False,
     )  # fmt: skip
     results = example.experiment(settings, fashion_mnist)
     teacher, student, distilled = (results[k]["runs"][0] for k in ("teacher", "student", "kd"))
-    assert teacher["test_accuracy"] >= 0.875
+    assert teacher["test_accuracy"] >= 0.88
     assert teacher["test_errors"] < student["test_errors"]
     assert distilled["test_errors"] <= student["test_errors"] - 20
 
