@@ -79,6 +79,11 @@ class Settings(cli.Common):
         check=config.between(1, 100_000),
         training=False,
     )
+    final_fit: bool = setting(
+        False,
+        "after choosing the epoch count on validation, train afresh on training + "
+        "validation for that many epochs and report that model",
+    )
     seeds: int = setting(
         1,
         "train N models (--seed, --seed + 1, ...): mean, std and 95 % interval over them",
@@ -141,10 +146,12 @@ def checkpoints(s: Settings, seed: int) -> Path:
     return Path(s.workdir) / stage_name(s, seed) / "checkpoints"
 
 
-def fit(s: Settings, ds: data.Dataset, log: train.MetricsLog, x_eval: dict, seed: int):
+def fit(s: Settings, ds: data.Dataset, log: train.MetricsLog, x_eval: dict, seed: int, final=False):
     """The VAE trained on ``ds.train`` from ``seed``: the model at its best validation
-    epoch, and the fit."""
-    stage, s = stage_name(s, seed), dataclasses.replace(s, seed=seed)
+    epoch, and the fit. ``final``: the final fit on ``ds`` with nothing held out
+    (stage ``<stage>/final``), for ``s.epochs`` epochs, its last epoch's model."""
+    stage = stage_name(s, seed) + ("/final" if final else "")
+    s = dataclasses.replace(s, seed=seed)
     model = models.build(
         lambda rngs: models.make_vae(s.model_config(), dtype=s.dtype, rngs=rngs),
         jax.random.key(s.seed),
@@ -162,7 +169,7 @@ def fit(s: Settings, ds: data.Dataset, log: train.MetricsLog, x_eval: dict, seed
         gradient=s.gradient,
     )
     trainer = train.Trainer(model, tx, objective)
-    select = ("val_neg_elbo", "min") if len(ds.val) else ("test_neg_elbo", "min")
+    select = None if final else ("val_neg_elbo", "min")
     with train.Checkpointer(Path(s.workdir) / stage / "checkpoints") as checkpointer:
         fitted = train.fit(
             trainer,
@@ -200,6 +207,11 @@ def train_and_report(s: Settings, ds: data.Dataset, log: train.MetricsLog) -> di
     runs, first = [], None
     for seed in seeds(s):
         best, fitted = fit(s, ds, log, x_eval, seed)
+        if s.final_fit:  # the epoch count chosen on validation, then all 60k images
+            final_settings = dataclasses.replace(s, epochs=fitted.best_epoch)
+            everything = data.with_validation_in_training(ds)
+            test_only = {"test": x_eval["test"]}
+            best, fitted = fit(final_settings, everything, log, test_only, seed, final=True)
         run, bounds = evaluate(s, ds, best, fitted, x_eval["test"], seed)
         runs.append(run)
         first = first or (best, bounds)
@@ -263,6 +275,7 @@ def evaluate(s: Settings, ds: data.Dataset, best, fitted, x_test, seed: int):
         "params": models.count_params(best),
         "epochs": s.epochs,
         "best_epoch": fitted.best_epoch,
+        "final_fit": s.final_fit,  # then best_epoch is the count chosen, trained on train + val
         "seconds": round(fitted.seconds, 1),
         "eval_seconds": round(time.perf_counter() - t0, 1),
     }
@@ -275,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = config.parse(Settings, argv, description=__doc__)
     with cli.errors_exit():
         stages = [stage_name(settings, seed) for seed in seeds(settings)]
+        stages += [f"{stage}/final" for stage in stages] if settings.final_fit else []
         cli.check_workdir(Path(settings.workdir), stages, settings.resume)
         cli.setup(settings.distributed)
         results = experiment(settings)

@@ -49,6 +49,7 @@ __all__ = [
     "read_idx",
     "to_float",
     "to_unit_float",
+    "with_validation_in_training",
 ]
 
 _DIGITS = tuple(str(i) for i in range(10))
@@ -153,6 +154,17 @@ class Dataset:
     test: Split
     num_classes: int
     class_names: tuple[str, ...]
+
+
+def with_validation_in_training(ds: Dataset) -> Dataset:
+    """``ds`` with its validation examples appended to the training split and none held
+    out: for a final fit once every setting (the epoch count too) is chosen."""
+    train = Split(
+        np.concatenate([ds.train.images, ds.val.images]),
+        np.concatenate([ds.train.labels, ds.val.labels]),
+    )
+    empty = Split(ds.val.images[:0], ds.val.labels[:0])
+    return dataclasses.replace(ds, train=train, val=empty)
 
 
 # --------------------------------------------------------------------------- IDX files

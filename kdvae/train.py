@@ -694,14 +694,15 @@ class Loop:
       epochs: total epochs (a resumed run continues up to this number).
       batch_size: global batch size, a multiple of the device count.
       seed: the data order and step keys derive from it (see the module docstring).
-      select: ``(metric, "max" | "min")``: the validation metric that picks the best epoch.
+      select: ``(metric, "max" | "min")``: the validation metric that picks the best epoch;
+        ``None`` for the last epoch (a final fit, with nothing held out).
       check_every: steps between non-finite checks and progress updates.
     """
 
     epochs: int
     batch_size: int
     seed: int
-    select: tuple[str, str] = ("val_accuracy", "max")
+    select: tuple[str, str] | None = ("val_accuracy", "max")
     check_every: int = 50
 
 
@@ -897,10 +898,11 @@ def _improves(value: float, best: float | None, mode: str) -> bool:
 def _record(trainer: Trainer, state: LoopState, row: dict, loop: Loop, stage: Stage) -> None:
     """A finished epoch's row: history, best model, metrics log; on to the next epoch."""
     state.history.append(row)
-    metric, mode = loop.select
+    metric, mode = loop.select or (None, "min")
     best = state.best_metrics.get(metric)
-    if metric in row and (
-        best is None or (row[metric] > best if mode == "max" else row[metric] < best)
+    if (loop.select is None and state.epoch + 1 == loop.epochs) or (
+        metric in row
+        and (best is None or (row[metric] > best if mode == "max" else row[metric] < best))
     ):
         state.best_epoch, state.best_metrics = state.epoch + 1, dict(row)
         state.best_state = jax.tree.map(jnp.copy, trainer.model_state())

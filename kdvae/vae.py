@@ -329,7 +329,10 @@ def format_table(results: dict[str, Any]) -> str:
         ("reconstruction E_q[log p(x|z)]", f"{r['reconstruction']:.2f} nats"),
         ("I(x; z), aggregate posterior", f"{r['mutual_information']:.2f} nats"),
         ("active latent units", f"{r['active_units']} / {r['latents']}"),
-        ("epochs (best)", f"{r['epochs']} ({r['best_epoch']})"),
+        (
+            "epochs (final fit on train + val)" if r.get("final_fit") else "epochs (best)",
+            f"{r['epochs']} ({r['best_epoch']})",
+        ),
         ("seconds (train, eval)", f"{r['seconds']:.1f}, {r['eval_seconds']:.1f}"),
     ]
     summary = r.get("over_seeds", {})

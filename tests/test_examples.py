@@ -368,6 +368,25 @@ def test_vae_gaussian_likelihood_reports_bits_per_dimension(vae_example, tiny_id
     assert code == 2 and "--decoder-logvar is for --likelihood gaussian" in err
 
 
+def test_vae_final_fit_trains_on_train_and_validation_for_the_chosen_epochs(
+    vae_example, tiny_idx_dir, tmp_path
+):
+    workdir = tmp_path / "run"
+    run_main(vae_example, ["--data-dir", tiny_idx_dir, "--workdir", workdir, *TINY,
+                           "--epochs", 3, "--eval-k", 4, "--eval-examples", 20,
+                           "--final-fit"])  # fmt: skip
+    rows = metrics_rows(workdir)
+    chosen = min((r for r in rows if r["stage"] == "vae"), key=lambda r: r["val_neg_elbo"])
+    final = [r for r in rows if r["stage"] == "vae/final"]
+    assert [r["epoch"] for r in final] == list(range(1, chosen["epoch"] + 1))
+    assert all("val_neg_elbo" not in r for r in final)  # nothing held out, nothing chosen
+    results = read_results(workdir)
+    assert results["final_fit"] and results["best_epoch"] == chosen["epoch"]
+    assert results["test_neg_elbo"] == final[-1]["test_neg_elbo"]  # the final model's
+    ckpt = train.Checkpointer(workdir / "vae" / "final" / "checkpoints", read_only=True)
+    assert ckpt.latest_step() == chosen["epoch"] * (800 // 32)  # 600 + 200 images
+
+
 def test_vae_seeds_report_intervals_and_resume_adds_a_seed(vae_example, tiny_idx_dir, tmp_path):
     workdir = tmp_path / "run"
     argv = ["--data-dir", tiny_idx_dir, "--workdir", workdir, *VAE_TINY, "--eval-examples", 20]

@@ -118,6 +118,13 @@ def test_fit_learns(data, evaluate, tmp_path):
     assert trainer.step._cache_size() == 1
 
 
+def test_no_selection_keeps_the_last_epoch(data, evaluate):
+    trainer = make_trainer()
+    result = run_fit(trainer, data, evaluate, epochs=3, select=None)
+    assert result.best_epoch == 3 and result.best_metrics == result.history[-1]
+    assert_same_params(result.best_state, trainer)  # the model as training left it
+
+
 def test_max_norm_holds_after_every_update(data, evaluate):
     trainer = make_trainer(max_norm=0.5, learning_rate=0.1)
     run_fit(trainer, data, evaluate, epochs=1)
