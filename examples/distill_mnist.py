@@ -60,8 +60,8 @@ class Settings(cli.Common):
         "paper": dict(
             teacher="hinton_teacher",
             teacher_epochs=60,
-            teacher_lr=1e-3,
-            teacher_warmup=0.0,
+            teacher_lr=None,
+            teacher_warmup_fraction=0.0,
             student_epochs=60,
             temperature=20.0,
             alpha=0.1,
@@ -114,14 +114,23 @@ class Settings(cli.Common):
     jsd_beta: float = setting(HYPER["jsd_beta"], "the teacher's weight in the JSD", check=UNIT)
     batch_size: int = setting(128, "global batch size", check=config.between(1, 65536))
     learning_rate: float = setting(
-        1e-3, "the students' Adam learning rate", check=LEARNING_RATE, flag="lr"
+        1e-3,
+        "Adam learning rate (the teacher's too, without --teacher-lr)",
+        check=LEARNING_RATE,
+        flag="lr",
     )
-    teacher_lr: float = setting(2e-3, "the teacher's peak Adam learning rate", check=LEARNING_RATE)
-    teacher_warmup: float = setting(
+    teacher_lr: float | None = setting(
+        2e-3,
+        "the teacher's peak Adam learning rate (the paper preset: none, the teacher uses --lr)",
+        check=LEARNING_RATE,
+        legacy=None,
+    )
+    teacher_warmup_fraction: float = setting(
         round(1 / 6, 4),
         "fraction of the teacher's steps spent warming its learning rate up from 0, "
-        "before its cosine decay",
+        "before its cosine decay (the quick preset's: its first epoch)",
         check=config.between(0, 0.5, "in [0, 0.5]"),
+        legacy=0.0,
     )
     teacher_jitter: int = setting(
         0,
@@ -217,15 +226,16 @@ def train_stage(run: Run, name: str, rows: dict, loss_fn, context=None, seed=Non
         loop = train.Loop(epochs, s.batch_size, seed + 1000 * index)
         evaluate = distill.validation_accuracy(run.ds)
         fitted = train.fit(trainer, rows, loop, evaluate=evaluate, context=context, stage=stage)
-    return trainer.best_model(fitted), fitted
+    return models.with_dtype(trainer.best_model(fitted), "float32"), fitted  # evaluated in f32
 
 
 def learning_rate_schedule(s: Settings, name: str, total: int):
-    """Cosine decay to 0 over the ``total`` steps; the teacher's to and from
-    ``--teacher-lr``, after a linear warm-up over ``--teacher-warmup`` of its steps."""
+    """Cosine decay to 0 over the ``total`` steps, from ``--lr``; the teacher's from
+    ``--teacher-lr`` (if set), after a linear warm-up over ``--teacher-warmup-fraction``
+    of its steps."""
     teacher = name == "teacher"
-    peak = s.teacher_lr if teacher else s.learning_rate
-    warmup = round(s.teacher_warmup * total) if teacher else 0
+    peak = (s.teacher_lr or s.learning_rate) if teacher else s.learning_rate
+    warmup = round(s.teacher_warmup_fraction * total) if teacher else 0
     if not warmup:
         return optax.cosine_decay_schedule(peak, total)
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total)

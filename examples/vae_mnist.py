@@ -47,7 +47,8 @@ class Settings(cli.Common):
         "reparameterized",
         "the encoder's gradient estimator: reparameterized, stl (--objective elbo; "
         "Roeder et al. 2017) or dreg (--objective iwae; Tucker et al. 2019)",
-        choices=tuple(vae.GRADIENTS),
+        choices=tuple(vae.GRADIENT_OBJECTIVES),
+        legacy="reparameterized",
     )
     num_samples: int = setting(
         1, "z samples per example for the ELBO", check=config.between(1, 1000)
@@ -61,11 +62,13 @@ class Settings(cli.Common):
         "the decoder: bernoulli on binarized images, or gaussian on dequantized grey levels "
         "(reports bits per dimension)",
         choices=("bernoulli", "gaussian"),
+        legacy="bernoulli",
     )
     decoder_logvar: float | None = setting(
         None,
         "gaussian: a fixed decoder log-variance (default: decoded from z, one per pixel)",
         check=config.between(-20, 20),
+        legacy=None,
     )
     binarization: str = setting(
         "dynamic",
@@ -83,6 +86,7 @@ class Settings(cli.Common):
         False,
         "after choosing the epoch count on validation, train afresh on training + "
         "validation for that many epochs and report that model",
+        training=False,  # the first stage is the same; the final one stores its own epochs
     )
     seeds: int = setting(
         1,
@@ -100,12 +104,15 @@ class Settings(cli.Common):
     def check(self):
         if self.decoder_logvar is not None and self.likelihood != "gaussian":
             raise config.ConfigError("--decoder-logvar is for --likelihood gaussian.")
-        if self.objective not in vae.GRADIENTS[self.gradient]:
+        try:
+            vae.check_gradient(self.gradient, self.objective, self.free_bits)
+        except ValueError as err:  # the library's words, in the flags' names
             raise config.ConfigError(
-                f"--gradient {self.gradient} is for --objective {vae.GRADIENTS[self.gradient][0]}."
-            )
-        if self.gradient == "stl" and self.free_bits:
-            raise config.ConfigError("--gradient stl samples the KL: it takes no --free-bits.")
+                str(err)
+                .replace("gradient ", "--gradient ")
+                .replace("objective", "--objective")
+                .replace("free_bits", "--free-bits")
+            ) from None
         if self.objective == "iwae":  # the IWAE bound has no separate KL term to weight or free
             ignored = {
                 "--beta": self.beta != 1.0,
@@ -179,7 +186,7 @@ def fit(s: Settings, ds: data.Dataset, log: train.MetricsLog, x_eval: dict, seed
             context=lambda epoch: {"epoch": jnp.int32(epoch)},
             stage=train.Stage(stage, checkpointer, log, stored(s, ds), s.resume, s.progress),
         )
-    return trainer.best_model(fitted), fitted
+    return models.with_dtype(trainer.best_model(fitted), "float32"), fitted  # evaluated in f32
 
 
 def experiment(s: Settings, ds: data.Dataset | None = None) -> dict:
@@ -280,7 +287,7 @@ def evaluate(s: Settings, ds: data.Dataset, best, fitted, x_test, seed: int):
         "eval_seconds": round(time.perf_counter() - t0, 1),
     }
     if s.likelihood == "gaussian":  # a density on dequantized grey levels: in bits per pixel
-        run["test_bpd"] = vae.bits_per_dimension(bounds["nll"])
+        run["test_bpd"] = vae.bits_per_dimension(bounds["nll"], x_test.shape[-1])
     return run, bounds
 
 

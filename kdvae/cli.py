@@ -62,6 +62,7 @@ class Common(config.Settings):
         "activations and matmuls in float32, or bfloat16 (mixed precision: parameters, "
         "optimizer and loss math stay float32)",
         choices=("float32", "bfloat16"),
+        legacy="float32",
     )
     # The validation hold-out (the last N training rows): small for tests' tiny data.
     val_size: int = config.setting(

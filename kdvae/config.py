@@ -96,6 +96,7 @@ def setting(
     flag: str | None = None,
     training: bool = True,
     hidden: bool = False,
+    legacy: Any = dataclasses.MISSING,
 ) -> Any:
     """A dataclass field declaring one setting.
 
@@ -108,10 +109,14 @@ def setting(
       training: ``False`` for settings that do not change what is trained; they are not
         stored with checkpoints, and ``--resume`` may change them.
       hidden: leave the flag out of ``--help`` (for tests).
+      legacy: for a training setting added after runs were stored: the value those runs
+        were trained with. At that value it is left out of the stored config, so the
+        older checkpoints still resume; at any other it is stored, and they are refused.
     """
     meta = dict(
-        help=help, choices=choices, check=check, flag=flag, training=training, hidden=hidden
-    )
+        help=help, choices=choices, check=check, flag=flag, training=training, hidden=hidden,
+        legacy=legacy,
+    )  # fmt: skip
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -175,11 +180,13 @@ class Settings:
         return dataclasses.asdict(self)
 
     def training(self) -> dict[str, Any]:
-        """The settings that change what is trained (stored with checkpoints)."""
+        """The settings that change what is trained (stored with checkpoints), less those
+        at their ``legacy`` value (see :func:`setting`)."""
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
             if f.metadata.get("training", True)
+            and getattr(self, f.name) != f.metadata.get("legacy", dataclasses.MISSING)
         }
 
 

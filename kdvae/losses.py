@@ -30,6 +30,7 @@ __all__ = [
     "DiagonalGaussian",
     "ELBOTerms",
     "ImportanceSampled",
+    "aggregate_posterior_mutual_information",
     "bernoulli_log_likelihood",
     "check_distillation_settings",
     "decoupled_kd_loss",
@@ -41,7 +42,6 @@ __all__ = [
     "gaussian_kl",
     "gaussian_log_likelihood",
     "generalized_jsd_loss",
-    "aggregate_posterior_mutual_information",
     "importance_sampled_log_px",
     "iwae_bound",
     "logit_matching_loss",
@@ -1324,7 +1324,7 @@ class ELBOTerms(NamedTuple):
 
     elbo: jax.Array
     reconstruction: jax.Array  # E_q[log p(x | z)], Monte-Carlo estimate
-    kl: jax.Array  # KL(q(z | x) || p(z)), analytic
+    kl: jax.Array  # KL(q(z | x) || p(z)): analytic in elbo, sampled in stl_elbo
 
 
 _LIKELIHOODS = ("bernoulli", "gaussian")
@@ -1562,10 +1562,11 @@ def aggregate_posterior_mutual_information(
           - \log \frac1N \sum_n q(z_m | x_n)\Big], \quad z_m \sim q(z | x_m)
 
     One sample per example over the ``N`` examples given (an ``N x N`` matrix of
-    densities, ``O(N^2 L)`` work). It lies in ``[0, log N]``: the mutual information of
-    the empirical distribution, which is how many nats the code carries about which
-    example it came from (Hoffman & Johnson's "ELBO surgery"; Alemi et al. 2018). A
-    collapsed posterior gives about 0.
+    densities, ``O(N^2 L)`` work). It estimates the mutual information of the empirical
+    distribution: how many nats the code carries about which example it came from
+    (Hoffman & Johnson's "ELBO surgery"; Alemi et al. 2018). Every estimate is at most
+    ``log N``; its expectation is at least 0 (a single estimate of a collapsed
+    posterior's, about 0, can fall just below).
 
     Args:
       key: a PRNG key for the samples.
@@ -1578,6 +1579,7 @@ def aggregate_posterior_mutual_information(
       Hoffman & Johnson, *ELBO surgery: yet another way to carve up the variational
       evidence lower bound*, NIPS Workshop on Advances in Approximate Bayesian
       Inference, 2016.
+      Alemi et al., *Fixing a Broken ELBO*, ICML 2018. https://arxiv.org/abs/1711.00464
     """
     _check_key(key)
     if not isinstance(posterior, DiagonalGaussian) or posterior.mean.ndim != 2:
@@ -1656,8 +1658,8 @@ def stl_elbo(
     :math:`\nabla_\phi \log q_\phi(z)`, whose expectation is 0. The gradient is unbiased,
     and its variance vanishes as ``q`` approaches the true posterior (where the plain
     estimator's does not). The value is a Monte-Carlo estimate of the ELBO (noisier than
-    :func:`elbo`'s, which takes the KL analytically); the decoder's gradient is the
-    same as :func:`elbo`'s estimator with a sampled KL.
+    :func:`elbo`'s, which takes the KL analytically); the decoder's gradient is
+    :func:`elbo`'s for the same key (the KL does not reach the decoder).
 
     Args:
       key, x, posterior, decoder, num_samples, beta, likelihood, event_ndim: as in

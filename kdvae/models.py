@@ -18,7 +18,8 @@ Mixed precision: every model takes ``dtype``, the dtype its activations and matr
 multiplies are computed in (``jnp.bfloat16`` or the default ``jnp.float32``). Its
 parameters stay float32 (Flax's ``param_dtype``), and so do the gradients and the
 optimizer's moments; every output (logits, the posterior) comes back as float32, so
-the loss math is float32 too.
+the loss math is float32 too. :func:`with_dtype` gives a trained model's float32 twin,
+for evaluation.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "dropout",
     "make_classifier",
     "make_vae",
+    "with_dtype",
 ]
 
 Dtype = Any  # a JAX floating dtype, e.g. jnp.float32 or jnp.bfloat16
@@ -390,7 +392,13 @@ class VAEConfig:
     decoder_logvar: float | None = None  # Gaussian: fixed, or None to decode one per pixel
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """As stored with checkpoints. The fields added after runs were stored are left
+        out at the values those runs had, so their checkpoints still resume."""
+        d = dataclasses.asdict(self)
+        for key, legacy in (("likelihood", "bernoulli"), ("decoder_logvar", None)):
+            if d[key] == legacy:
+                del d[key]
+        return d
 
 
 VAE_PRESETS: dict[str, VAEConfig] = {
@@ -431,6 +439,16 @@ def build(factory: Callable[[nnx.Rngs], M], key: jax.Array) -> M:
     graphdef = nnx.split(nnx.eval_shape(lambda: factory(nnx.Rngs(0))))[0]
     state = jax.jit(lambda k: nnx.split(factory(nnx.Rngs(k)))[1])(key)
     return nnx.merge(graphdef, state)
+
+
+def with_dtype(model: M, dtype: Dtype) -> M:
+    """A copy of ``model`` computing in ``dtype``, with the same (float32) parameters:
+    e.g. a model trained in bfloat16, evaluated in float32."""
+    model = nnx.clone(model)
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "dtype"):
+            module.dtype = jnp.dtype(dtype)
+    return model
 
 
 def count_params(model: nnx.Module) -> int:

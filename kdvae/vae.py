@@ -25,13 +25,15 @@ from flax import nnx
 from kdvae import data, losses, train
 
 __all__ = [
+    "GRADIENT_OBJECTIVES",
     "binarize",
-    "inputs",
-    "evaluate_bounds",
     "bits_per_dimension",
-    "fixed_inputs",
+    "check_gradient",
+    "evaluate_bounds",
     "figures",
+    "fixed_inputs",
     "format_table",
+    "inputs",
     "negative_elbo",
     "objective",
 ]
@@ -100,7 +102,7 @@ def objective(
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
     if beta < 0 or free_bits < 0 or kl_warmup_epochs < 0:
         raise ValueError("beta, free_bits and kl_warmup_epochs must be non-negative.")
-    _check_gradient(gradient, objective, free_bits)
+    check_gradient(gradient, objective, free_bits)
 
     def kl_weight(context):
         if not kl_warmup_epochs:
@@ -136,15 +138,21 @@ def objective(
     return loss_fn
 
 
-#: Each gradient estimator and the objective it is for.
-GRADIENTS = {"reparameterized": ("elbo", "iwae"), "stl": ("elbo",), "dreg": ("iwae",)}
+#: Each gradient estimator and the objectives it is for.
+GRADIENT_OBJECTIVES = {"reparameterized": ("elbo", "iwae"), "stl": ("elbo",), "dreg": ("iwae",)}
 
 
-def _check_gradient(gradient: str, objective: str, free_bits: float) -> None:
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {sorted(GRADIENTS)}, got {gradient!r}.")
-    if objective not in GRADIENTS[gradient]:
-        raise ValueError(f"gradient {gradient!r} is for objective {GRADIENTS[gradient][0]!r}.")
+def check_gradient(gradient: str, objective: str, free_bits: float = 0.0) -> None:
+    """``ValueError`` unless the estimator ``gradient`` goes with ``objective`` (and
+    STL, which samples the KL, has no free bits)."""
+    if gradient not in GRADIENT_OBJECTIVES:
+        raise ValueError(
+            f"gradient must be one of {sorted(GRADIENT_OBJECTIVES)}, got {gradient!r}."
+        )
+    if objective not in GRADIENT_OBJECTIVES[gradient]:
+        raise ValueError(
+            f"gradient {gradient!r} is for objective {GRADIENT_OBJECTIVES[gradient][0]!r}."
+        )
     if gradient == "stl" and free_bits:
         raise ValueError("gradient 'stl' samples the KL: it takes no free_bits.")
 
@@ -153,13 +161,16 @@ def fixed_inputs(
     images: np.ndarray, seed: int, dynamic: bool, likelihood: str = "bernoulli"
 ) -> jax.Array:
     """An evaluation split's one binarization (or dequantization), seeded by ``seed``:
-    :func:`inputs`."""
+    :func:`inputs`. A Gaussian decoder is always evaluated on uniformly dequantized
+    images (whatever ``dynamic``): only then is its density a bound on the grey levels'
+    probability (mid-level points could take any density)."""
     key = jax.random.fold_in(jax.random.key(seed), 12345)
+    dynamic = dynamic or likelihood == "gaussian"
     return inputs(key, jnp.asarray(images), likelihood, dynamic=dynamic)
 
 
 def _bounds_fn(graphdef: nnx.GraphDef, k: int, chunk: int, batch_size: int):
-    """Jitted ``(state, x [N, 784] binary, key) -> per-example (elbo, rec, kl,
+    """Jitted ``(state, x [N, 784] (the model's inputs), key) -> per-example (elbo, rec, kl,
     ImportanceSampled, posterior)``."""
 
     @jax.jit
@@ -184,8 +195,8 @@ def _bounds_fn(graphdef: nnx.GraphDef, k: int, chunk: int, batch_size: int):
 def evaluate_bounds(
     model: nnx.Module, x: jax.Array, *, k: int, key: jax.Array, batch_size: int = 100
 ) -> dict[str, Any]:
-    """ELBO terms, the ``k``-sample IWAE bound and posterior diagnostics on binary
-    ``x [N, 784]``.
+    """ELBO terms, the ``k``-sample IWAE bound and posterior diagnostics on ``x [N, 784]``
+    (the model's inputs: :func:`fixed_inputs`).
 
     Returns (averages over the ``N`` examples):
 
@@ -206,10 +217,8 @@ def evaluate_bounds(
     graphdef, state = nnx.split(model)
     batch_size = min(batch_size, x.shape[0])
     chunk = max(1, min(k, 10_000 // batch_size))
-    bounds_key, mi_key = jax.random.split(key)
-    elbo, rec, kl, sampled, posterior = _bounds_fn(graphdef, k, chunk, batch_size)(
-        state, x, bounds_key
-    )
+    mi_key = jax.random.fold_in(key, 1)  # the bounds keep `key`'s samples
+    elbo, rec, kl, sampled, posterior = _bounds_fn(graphdef, k, chunk, batch_size)(state, x, key)
     means, n = np.asarray(posterior.mean), x.shape[0]
     nll = -np.asarray(sampled.log_px, np.float64)
     ess = np.asarray(sampled.ess, np.float64)
@@ -260,8 +269,9 @@ def _elbo_fn(graphdef: nnx.GraphDef):
 
 def negative_elbo(splits: dict[str, jax.Array], key: jax.Array):
     """``evaluate(model, epoch)`` for :func:`kdvae.train.fit`: the negative ELBO and its
-    terms on each of ``splits`` (``{"val": x [N, 784] binary, ...}``), as ``val_neg_elbo``,
-    ``val_kl``, ``val_reconstruction``, ... (the same ``key`` every epoch)."""
+    terms on each of ``splits`` (``{"val": x [N, 784], ...}``, from :func:`fixed_inputs`),
+    as ``val_neg_elbo``, ``val_kl``, ``val_reconstruction``, ... (the same ``key`` every
+    epoch)."""
 
     def evaluate(model: nnx.Module, epoch: int) -> dict[str, float]:
         graphdef, state = nnx.split(model)

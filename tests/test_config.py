@@ -115,3 +115,36 @@ def test_help_lists_every_flag_with_its_default(capsys):
         assert flag in out
     assert "hidden width (default: 64)" in out
     assert "--val-size" not in out  # hidden (for tests)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grown(cli.Common):
+    """Demo's settings after one was added: runs stored before trained as ``mode="a"``."""
+
+    mode: str = config.setting("b", "a setting added later", choices=("a", "b"), legacy="a")
+
+
+def test_a_setting_at_its_legacy_value_is_not_stored():
+    """So checkpoints stored before it existed (without it) resume at that value and are
+    refused at any other; cli.Common's dtype is such a setting."""
+    assert "mode" not in config.parse(Grown, ["--mode", "a"]).training()
+    assert config.parse(Grown, []).training()["mode"] == "b"
+    assert "dtype" not in config.parse(Grown, []).training()
+    assert config.parse(Grown, ["--dtype", "bfloat16"]).training()["dtype"] == "bfloat16"
+    assert config.parse(Grown, ["--mode", "a"]).to_dict()["mode"] == "a"  # results.json: all
+
+
+def test_the_vae_config_at_the_legacy_values_is_the_earlier_one():
+    """The VAE example's stored config at the new settings' legacy values is the one
+    the earlier version stored: no dtype, gradient, likelihood or decoder_logvar."""
+    from conftest import load_script
+
+    example = load_script("examples/vae_mnist.py")
+    stored = config.parse(example.Settings, []).training()
+    model = config.parse(example.Settings, []).model_config().to_dict()
+    assert not {"dtype", "gradient", "likelihood", "decoder_logvar", "final_fit"} & set(stored)
+    assert model == {"encoder_widths": (500,), "decoder_widths": (500,), "latents": 20,
+                     "activation": "relu"}  # fmt: skip
+    gaussian = config.parse(example.Settings, ["--likelihood", "gaussian"])
+    assert gaussian.training()["likelihood"] == "gaussian"
+    assert gaussian.model_config().to_dict()["likelihood"] == "gaussian"

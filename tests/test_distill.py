@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 
 from kdvae import distill, losses, models
-from kdvae import stats as kstats
 
 B, C = 16, 10
 STUDENT = jax.random.normal(jax.random.key(0), (B, C)) * 3
@@ -87,15 +86,6 @@ def test_an_unknown_method_or_hyperparameter_names_the_argument():
         distill.method_loss("fitnets", H)
     with pytest.raises(ValueError, match=r"hyper has unknown names \['temprature'\]"):
         distill.distillation_objective("kd", {"temprature": 2.0})
-
-
-def test_interval_is_students_t():
-    stats = kstats.interval([1, 2, 3, 6])
-    assert stats["mean"] == 3.0 and stats["n"] == 4 and stats["values"] == [1, 2, 3, 6]
-    assert stats["std"] == pytest.approx(np.sqrt(14 / 3))
-    half = 3.182446305284263 * np.sqrt(14 / 3) / 2  # t(0.975, 3) from the tables
-    assert stats["ci95"] == pytest.approx([3.0 - half, 3.0 + half])
-    assert kstats.interval([5]) == {"mean": 5.0, "std": None, "ci95": None, "n": 1, "values": [5]}
 
 
 def test_over_seeds_keeps_every_run_and_summarises_them():

@@ -282,7 +282,9 @@ def test_distill_bad_flag_exits_2_before_writing(tiny_idx_dir, tmp_path):
 def test_distill_teacher_schedule_warms_up_then_decays(distill_example):
     from kdvae import config
 
-    s = config.parse(distill_example.Settings, ["--teacher-lr", "4e-3", "--teacher-warmup", "0.2"])
+    s = config.parse(
+        distill_example.Settings, ["--teacher-lr", "4e-3", "--teacher-warmup-fraction", "0.2"]
+    )
     teacher = distill_example.learning_rate_schedule(s, "teacher", total=100)
     assert float(teacher(0)) == 0.0 and float(teacher(10)) == pytest.approx(2e-3)
     assert float(teacher(20)) == pytest.approx(4e-3) and float(teacher(100)) == 0.0
@@ -291,11 +293,13 @@ def test_distill_teacher_schedule_warms_up_then_decays(distill_example):
     student = distill_example.learning_rate_schedule(s, "kd", total=100)
     assert float(student(0)) == pytest.approx(1e-3) and float(student(50)) == pytest.approx(5e-4)
     # The paper preset is Hinton's recipe: the teacher too on --lr's cosine decay.
-    paper = config.parse(distill_example.Settings, ["--preset", "paper"])
+    paper = config.parse(distill_example.Settings, ["--preset", "paper", "--lr", "3e-4"])
     hinton = distill_example.learning_rate_schedule(paper, "teacher", total=100)
-    assert float(hinton(0)) == pytest.approx(1e-3) and float(hinton(50)) == pytest.approx(5e-4)
+    assert float(hinton(0)) == pytest.approx(3e-4) and float(hinton(50)) == pytest.approx(1.5e-4)
+    # ... and its stored config is what runs stored before these settings existed.
+    assert not {"teacher_lr", "teacher_warmup_fraction", "dtype"} & set(paper.training())
     with pytest.raises(SystemExit):
-        config.parse(distill_example.Settings, ["--teacher-warmup", "0.6"])
+        config.parse(distill_example.Settings, ["--teacher-warmup-fraction", "0.6"])
 
 
 # ---------------------------------------------------------------------------- VAE

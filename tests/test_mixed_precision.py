@@ -110,6 +110,21 @@ def test_bfloat16_loss_and_gradient_match_float32(name, loss, batch):
         np.testing.assert_allclose(logits["bfloat16"], logits["float32"], atol=LOGIT_ATOL)
 
 
+@pytest.mark.parametrize(("name", "loss"), CASES, ids=[c[0] for c in CASES])
+def test_with_dtype_gives_the_float32_twin_of_a_bfloat16_model(name, loss, batch):
+    x, y = batch
+    model = build(name, "bfloat16")
+    twin = models.with_dtype(model, "float32")
+    graphdef, params = nnx.split(twin)
+    assert matmul_dtypes(lambda p: loss(nnx.merge(graphdef, p), x, y), params) == {"f32"}
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same parameters
+    original = nnx.split(model)
+    assert matmul_dtypes(lambda p: loss(nnx.merge(original[0], p), x, y), original[1]) == {"bf16"}
+    # Exactly the model built in float32 from the same initialisation.
+    np.testing.assert_array_equal(loss(twin, x, y), loss(build(name, "float32"), x, y))
+
+
 def test_bfloat16_still_trains(batch):
     """The 2x800 student and the CNN learn the class patterns in bfloat16 as in float32:
     after 3 epochs both are above 90 % on held-out patterns, and their final training
