@@ -252,38 +252,40 @@ def _rounds(runners: dict[str, Callable[[], float]], rounds: int) -> dict[str, f
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def _versus(runners: dict[str, Callable[[], float]], rounds: int) -> dict:
+    """Two runners timed in interleaved rounds: ``{<a>_ms, <b>_ms, ratio: a / b}``."""
+    times = _rounds(runners, rounds)
+    (a, time_a), (b, time_b) = times.items()
+    return {f"{a}_ms": round(time_a * 1e3, 3), f"{b}_ms": round(time_b * 1e3, 3),
+            "ratio": round(time_a / time_b, 3)}  # fmt: skip
+
+
 def overhead(steps: list[str], batch: int, rounds: int, steps_per_round: int = 5) -> dict:
     """kdvae's step time over the hand-written one's (:mod:`reference`), per step."""
-    out = {}
-    for step in steps:
-        runners = {
-            "kdvae": _library_runner(step, batch, (), steps_per_round),
-            "hand-written": _reference_runner(step, batch, steps_per_round),
-        }
-        times = _rounds(runners, rounds)
-        out[step] = {
-            "kdvae_ms": round(times["kdvae"] * 1e3, 3),
-            "hand_written_ms": round(times["hand-written"] * 1e3, 3),
-            "ratio": round(times["kdvae"] / times["hand-written"], 3),
-        }
-    return out
+    return {
+        step: _versus(
+            {
+                "kdvae": _library_runner(step, batch, (), steps_per_round),
+                "hand_written": _reference_runner(step, batch, steps_per_round),
+            },
+            rounds,
+        )
+        for step in steps
+    }
 
 
 def mixed_precision(steps: list[str], batch: int, rounds: int, steps_per_round: int = 5) -> dict:
-    """Each step computing in bfloat16 against float32 (interleaved rounds, medians)."""
-    out = {}
-    for step in steps:
-        runners = {
-            dtype: _library_runner(step, batch, (), steps_per_round, dtype)
-            for dtype in ("float32", "bfloat16")
-        }
-        times = _rounds(runners, rounds)
-        out[step] = {
-            "float32_ms": round(times["float32"] * 1e3, 3),
-            "bfloat16_ms": round(times["bfloat16"] * 1e3, 3),
-            "ratio": round(times["bfloat16"] / times["float32"], 3),
-        }
-    return out
+    """Each step computing in bfloat16 over float32 (interleaved rounds, medians)."""
+    return {
+        step: _versus(
+            {
+                dtype: _library_runner(step, batch, (), steps_per_round, dtype)
+                for dtype in ("bfloat16", "float32")
+            },
+            rounds,
+        )
+        for step in steps
+    }
 
 
 def _prepare(step: str, batch: int, without: tuple[str, ...] = (), dtype: str = "float32"):
@@ -417,6 +419,16 @@ def epoch_seconds(step: str, batch: int = 128, rows: int = 60_000) -> float:
     return round(time.perf_counter() - t, 2)
 
 
+#: The optional timings, each a flag: what it also times.
+EXTRAS = {
+    "ablations": "the teacher and VAE steps without each of their parts (batch 512)",
+    "overhead": "a hand-written JAX step of each workload against kdvae's",
+    "methods": "every distillation method's cached step against KD's",
+    "estimators": "the VAE's STL and DReG steps against the plain ones",
+    "bfloat16": "each step computing in bfloat16 against float32",
+}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -424,26 +436,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", default=",".join(STEPS))
     p.add_argument("--rounds", type=int, default=20, help="timed rounds of 5 steps each")
     p.add_argument("--epoch", action="store_true", help="also time a 60,000-example epoch")
-    p.add_argument(
-        "--ablations", action="store_true",
-        help="also time the teacher and VAE steps without each of their parts (batch 512)",
-    )  # fmt: skip
-    p.add_argument(
-        "--overhead", action="store_true",
-        help="also time a hand-written JAX step of each workload against kdvae's",
-    )  # fmt: skip
-    p.add_argument(
-        "--methods", action="store_true",
-        help="also time every distillation method's cached step against KD's",
-    )  # fmt: skip
-    p.add_argument(
-        "--estimators", action="store_true",
-        help="also time the VAE's STL and DReG steps against the plain ones",
-    )  # fmt: skip
-    p.add_argument(
-        "--bfloat16", action="store_true",
-        help="also time each step computing in bfloat16 against float32",
-    )  # fmt: skip
+    for name, help in EXTRAS.items():
+        p.add_argument(f"--{name}", action="store_true", help=f"also time {help}")
     args = p.parse_args(argv)
     # No persistent compilation cache here: compile_s is a cold compile.
 
