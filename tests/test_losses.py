@@ -731,12 +731,32 @@ def _grad_cases():
             ),
         }
 
+    def vae_estimators(decoder_params, mean, logvar):
+        """STL's and DReG's gradients are the derivatives of their values for the decoder
+        only (the encoder's are estimators, tested in test_estimators.py); the error bars
+        of log p(x) and the mutual information are smooth in everything."""
+        q = mlp_posterior(params, vae_x)
+        decode = mlp_decoder({**params, **decoder_params}, "bernoulli")
+        estimate = losses.importance_sampled_log_px(key, vae_x, q, decode, num_samples=6)
+        return {
+            "stl_elbo": losses.stl_elbo(key, vae_x, q, decode, num_samples=2).elbo,
+            "dreg_iwae_bound": losses.dreg_iwae_bound(key, vae_x, q, decode, num_samples=5),
+            "importance_sampled_log_px": (estimate.log_px, estimate.standard_error),
+            "aggregate_posterior_mutual_information": (
+                losses.aggregate_posterior_mutual_information(
+                    key, losses.DiagonalGaussian(mean, logvar)
+                )
+            ),
+        }
+
+    decoder_params = {k: params[k] for k in ("dec_w", "dec_b", "dec_out")}
     return {
         "tempered_log_softmax": (tempered_log_softmax, (s,)),
         "classification": (classification, (s, p)),
         "logit_distillation": (logit_distillation, (s,)),
         "gaussians": (gaussians, (mean, logvar, mean_p, logvar_p, x)),
         "vae_bounds": (vae_bounds, (params,)),
+        "vae_estimators": (vae_estimators, (decoder_params, mean, logvar)),
     }
 
 
@@ -748,6 +768,7 @@ GRAD_CASES = {  # name -> (order, modes)
     "logit_distillation": (1, ("rev",)),
     "gaussians": (1, ("fwd", "rev")),
     "vae_bounds": (1, ("rev",)),
+    "vae_estimators": (1, ("rev",)),
 }
 
 
@@ -767,7 +788,12 @@ def test_every_differentiable_loss_has_its_gradient_checked():
         for fn, args in _grad_cases().values():
             out = jax.eval_shape(fn, *args)
             checked |= set(out) if isinstance(out, dict) else {fn.__name__}
-    not_losses = {"ELBOTerms", "TEMPERATURE_RANGE", "check_distillation_settings"}
+    not_losses = {
+        "ELBOTerms",
+        "ImportanceSampled",
+        "TEMPERATURE_RANGE",
+        "check_distillation_settings",
+    }
     public = set(losses.__all__) - not_losses
     assert not {f for f in public if not any(name.startswith(f) for name in checked)}
 
