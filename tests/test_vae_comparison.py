@@ -1,0 +1,81 @@
+"""scripts/vae_comparison.py: Burda et al.'s four models over seeds, paired with the VAE."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+from conftest import load_script
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+TINY = ["--val-size", "200", "--batch-size", "32", "--epochs", "1", "--eval-k", "4"]
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    return load_script("scripts/vae_comparison.py")
+
+
+@pytest.fixture(scope="module")
+def study(comparison, tiny_idx_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("burda")
+    argv = ["--workdir", workdir, "--seeds", 2, "--data-dir", tiny_idx_dir, *TINY]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = comparison.main([str(a) for a in argv])
+    return workdir, argv, result, out.getvalue()
+
+
+def test_every_model_trains_its_own_bound_over_every_seed(study, comparison):
+    workdir, _, out, stdout = study
+    assert json.loads((workdir / "burda.json").read_text()) == out
+    assert list(out["results"]) == list(comparison.MODELS)
+    for name, results in out["results"].items():
+        c = results["config"]
+        flags = comparison.MODELS[name]
+        assert c["objective"] == flags[1] and c["preset"] == "iwae"
+        assert c["k"] == (int(flags[3]) if c["objective"] == "iwae" else c["k"])
+        assert c["gradient"] == ("dreg" if "dreg" in name else "reparameterized")
+        assert [r["seed"] for r in results["runs"]] == [0, 1]
+        assert {r["eval_k"] for r in results["runs"]} == {4}
+        assert f"| {name} |" in stdout
+    nll = {name: r["test_nll"] for name, r in out["results"].items()}
+    assert len(set(nll.values())) == 4  # four different trainings, not one copied
+
+
+def test_differences_to_the_vae_are_paired_over_seeds(study):
+    _, _, out, _ = study
+    runs = {name: r["runs"] for name, r in out["results"].items()}
+    for name in ("iwae_k5", "iwae_k50", "iwae_k50_dreg"):
+        s = out["summary"][name]["test_nll_minus_vae"]
+        diff = [a["test_nll"] - b["test_nll"] for a, b in zip(runs[name], runs["vae"])]
+        assert s["values"] == pytest.approx(diff)
+        assert s["mean"] == pytest.approx(np.mean(diff))
+        half = 12.706 * np.std(diff, ddof=1) / np.sqrt(2)  # Student's t, 1 degree of freedom
+        assert s["ci95"] == pytest.approx([np.mean(diff) - half, np.mean(diff) + half], rel=1e-3)
+    assert "test_nll_minus_vae" not in out["summary"]["vae"]
+    seconds = out["summary"]["iwae_k50"]["seconds"]["values"]
+    assert seconds == [r["seconds"] for r in runs["iwae_k50"]]
+
+
+def test_a_finished_model_is_read_back_not_trained_again(study, comparison, monkeypatch):
+    workdir, argv, out, _ = study
+
+    def no_training(argv):
+        raise AssertionError(f"trained again: {argv}")
+
+    monkeypatch.setattr(comparison, "load_example", lambda: type("E", (), {"main": no_training}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        again = comparison.main([str(a) for a in argv])
+    assert again == out
+
+
+def test_unknown_models_are_refused_naming_the_flag(comparison, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        comparison.main(["--workdir", str(tmp_path), "--models", "vae,iwae_k500"])
+    assert exit.value.code == 2
+    assert "--models: unknown iwae_k500" in capsys.readouterr().err
