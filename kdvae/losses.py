@@ -1752,6 +1752,8 @@ def dreg_iwae_bound(
     signal-to-noise ratio no longer shrinks like ``1 / sqrt(k)`` (Rainforth et al.,
     2018). One decoder pass forward and one backward, as :func:`iwae_bound` without
     chunks; the decoder must treat each row of ``z`` on its own (no batch statistics).
+    Reverse mode only: the gradient is a custom VJP, so ``jax.jvp``, ``jax.jacfwd`` and
+    ``jax.hessian`` raise.
 
     Args:
       key, x, posterior, decoder, likelihood, event_ndim: as in :func:`iwae_bound`.

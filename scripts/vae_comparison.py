@@ -32,7 +32,7 @@ import json
 import sys
 from pathlib import Path
 
-from kdvae import cli, stats
+from kdvae import cli, config, stats
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,15 +61,14 @@ def train_model(
     example, name: str, workdir: Path, seeds: int, eval_k: int, rest: list[str]
 ) -> dict:
     """Model ``name`` trained (or resumed) and evaluated in ``<workdir>/<name>``: its
-    ``results.json``."""
+    ``results.json``. A finished run is read back only when every setting it was run
+    with (seeds, epochs, data, k, ...) is the one asked for now."""
     folder = workdir / name
     argv = ["--preset", "iwae", *MODELS[name], "--seeds", str(seeds), "--workdir", str(folder),
             "--eval-k", str(eval_k), "--no-progress", *rest]  # fmt: skip
     done = folder / "results.json"
-    if done.exists():  # a finished run of these seeds and this k is not evaluated again
-        results = json.loads(done.read_text())
-        if len(results["seeds"]) == seeds and results["eval_k"] == eval_k:
-            return results
+    if done.exists() and _same_run(json.loads(done.read_text())["config"], example, argv):
+        return json.loads(done.read_text())
     argv += ["--resume"] if folder.exists() else []
     with contextlib.redirect_stdout(io.StringIO()):  # the study prints its own table
         code = example.main(argv)
@@ -78,16 +77,34 @@ def train_model(
     return json.loads((folder / "results.json").read_text())
 
 
+def _same_run(stored: dict, example, argv: list[str]) -> bool:
+    """Whether a run stored with the settings ``stored`` is the run ``argv`` asks for."""
+    wanted = json.loads(json.dumps(config.parse(example.Settings, argv).to_dict()))  # as stored
+    return {k: v for k, v in stored.items() if k != "resume"} == {
+        k: v for k, v in wanted.items() if k != "resume"
+    }
+
+
 def summarize(results: dict[str, dict]) -> dict:
-    """Each model's columns over seeds, and its NLL and ELBO minus the VAE's, paired."""
+    """Each model's columns over seeds, and its NLL and ELBO minus the VAE's, paired by
+    seed (every model must have run the VAE's seeds)."""
     runs = {name: r.get("runs", [r]) for name, r in results.items()}
     out = {name: {c: stats.interval([run[c] for run in rs]) for c in COLUMNS}
            for name, rs in runs.items()}  # fmt: skip
-    for name in runs:
-        if name == "vae" or "vae" not in runs:
+    if "vae" not in runs:
+        return out
+    vae = {run["seed"]: run for run in runs["vae"]}
+    for name, rs in runs.items():
+        if name == "vae":
             continue
+        by_seed = {run["seed"]: run for run in rs}
+        if set(by_seed) != set(vae):
+            raise ValueError(
+                f"{name} ran seeds {sorted(by_seed)} and vae {sorted(vae)}; "
+                "the paired differences need the same seeds."
+            )
         for column in ("test_nll", "test_neg_elbo"):
-            diff = [a[column] - b[column] for a, b in zip(runs[name], runs["vae"])]
+            diff = [by_seed[seed][column] - vae[seed][column] for seed in sorted(vae)]
             out[name][f"{column}_minus_vae"] = stats.interval(diff)
     return out
 

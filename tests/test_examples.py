@@ -372,6 +372,19 @@ def test_vae_gaussian_likelihood_reports_bits_per_dimension(vae_example, tiny_id
     assert code == 2 and "--decoder-logvar is for --likelihood gaussian" in err
 
 
+def test_vae_bfloat16_run_reports_the_float32_models_numbers(vae_example, tiny_idx_dir, tmp_path):
+    workdir = tmp_path / "run"
+    run_main(vae_example, ["--data-dir", tiny_idx_dir, "--workdir", workdir, *VAE_TINY,
+                           "--eval-examples", 20, "--dtype", "bfloat16"])  # fmt: skip
+    results, (row,) = read_results(workdir), metrics_rows(workdir)
+    # The epoch's row was computed by the bfloat16 model; results.json by its float32 twin.
+    assert results["test_neg_elbo"] != row["test_neg_elbo"]
+    assert results["test_neg_elbo"] == pytest.approx(row["test_neg_elbo"], rel=2e-2)
+    np.testing.assert_allclose(
+        results["test_neg_elbo"], results["kl"] - results["reconstruction"], rtol=1e-4
+    )
+
+
 def test_vae_final_fit_trains_on_train_and_validation_for_the_chosen_epochs(
     vae_example, tiny_idx_dir, tmp_path
 ):

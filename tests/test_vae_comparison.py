@@ -62,16 +62,37 @@ def test_differences_to_the_vae_are_paired_over_seeds(study):
     assert seconds == [r["seconds"] for r in runs["iwae_k50"]]
 
 
+def _run(seed, nll):
+    other = dict.fromkeys(("test_nll_mc_se", "test_nll_data_se", "active_units", "seconds"), 1.0)
+    return {"seed": seed, "test_nll": nll, "test_neg_elbo": nll + 3.0, **other}
+
+
+def test_pairs_are_matched_by_seed_not_by_position(comparison):
+    vae = {"runs": [_run(0, 100.0), _run(1, 110.0), _run(2, 90.0)]}
+    iwae = {"runs": [_run(2, 89.0), _run(0, 98.0), _run(1, 107.0)]}  # another order
+    summary = comparison.summarize({"vae": vae, "iwae_k5": iwae})
+    assert summary["iwae_k5"]["test_nll_minus_vae"]["values"] == [-2.0, -3.0, -1.0]
+    with pytest.raises(ValueError, match=r"iwae_k5 ran seeds \[0, 1\] and vae \[0, 1, 2\]"):
+        comparison.summarize({"vae": vae, "iwae_k5": {"runs": iwae["runs"][1:]}})
+
+
 def test_a_finished_model_is_read_back_not_trained_again(study, comparison, monkeypatch):
     workdir, argv, out, _ = study
+    example = comparison.load_example()
 
     def no_training(argv):
         raise AssertionError(f"trained again: {argv}")
 
-    monkeypatch.setattr(comparison, "load_example", lambda: type("E", (), {"main": no_training}))
+    stub = type("E", (), {"main": staticmethod(no_training), "Settings": example.Settings})
+    monkeypatch.setattr(comparison, "load_example", lambda: stub)
     with contextlib.redirect_stdout(io.StringIO()):
         again = comparison.main([str(a) for a in argv])
     assert again == out
+    # Another setting (here the epochs) is another run: it is not read back.
+    other = [str(a) for a in argv]
+    other[other.index("--epochs") + 1] = "2"
+    with pytest.raises(AssertionError, match="trained again"):
+        comparison.main(other)
 
 
 def test_unknown_models_are_refused_naming_the_flag(comparison, tmp_path, capsys):
