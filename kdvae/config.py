@@ -237,7 +237,7 @@ def str_list(text: str) -> tuple[str, ...]:
 def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) -> None:
     base, _ = _base_type(hint)
     meta = field.metadata
-    text = f"{meta['help']} (default: {field.default})"
+    text = f"{meta['help']} (default: {field.default})".replace("%", "%%")  # not a format
     kwargs: dict[str, Any] = dict(dest=field.name, default=None)
     kwargs["help"] = argparse.SUPPRESS if meta["hidden"] else text
     if base is bool:

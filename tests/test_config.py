@@ -16,7 +16,7 @@ class Demo(cli.Common):
 
     preset: str = config.setting("small", "which preset", choices=tuple(PRESETS))
     width: int = config.setting(64, "hidden width", check=config.at_least(1))
-    rate: float = config.setting(0.1, "a rate", check=config.between(0.0, 1.0))
+    rate: float = config.setting(0.1, "a rate (5 % is 0.05)", check=config.between(0.0, 1.0))
     lr: float = config.setting(1e-3, "learning rate", check=config.POSITIVE, flag="learning-rate")
     mode: str = config.setting("a", "a mode", choices=("a", "b"))
     classes: tuple[int, ...] = config.setting(
@@ -114,6 +114,7 @@ def test_help_lists_every_flag_with_its_default(capsys):
     for flag in ("--width", "--learning-rate", "--cache, --no-cache", "--classes I,J", "--cap"):
         assert flag in out
     assert "hidden width (default: 64)" in out
+    assert "a rate (5 % is 0.05) (default: 0.1)" in out  # a % in the help is text
     assert "--val-size" not in out  # hidden (for tests)
 
 

@@ -7,6 +7,8 @@ compiled steps between runs); one test runs a script as a subprocess for its exi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import io
 import json
 import shutil
@@ -19,8 +21,8 @@ import pytest
 from conftest import NOISY_TEST_LABELS, load_script
 from test_data import mock_tfds
 
+from kdvae import config, train
 from kdvae import data as kdata
-from kdvae import train
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -370,6 +372,31 @@ def test_vae_gaussian_likelihood_reports_bits_per_dimension(vae_example, tiny_id
     code, err = exit_code(vae_example, ["--data-dir", tiny_idx_dir, "--workdir", tmp_path / "b",
                                         *VAE_TINY, "--decoder-logvar", -2])  # fmt: skip
     assert code == 2 and "--decoder-logvar is for --likelihood gaussian" in err
+
+
+@pytest.mark.parametrize("name", ["distill_example", "vae_example"])
+def test_help_lists_every_setting(name, request, capsys):
+    example = request.getfixturevalue(name)
+    with pytest.raises(SystemExit) as excinfo:
+        config.parse(example.Settings, ["--help"], description=example.__doc__)
+    assert excinfo.value.code == 0
+    out = capsys.readouterr().out
+    for field in dataclasses.fields(example.Settings):
+        if not field.metadata.get("hidden"):
+            assert config.flag_name(field) in out
+
+
+def test_vae_learning_rate_is_the_presets_unless_given(vae_example):
+    parse = functools.partial(config.parse, vae_example.Settings)
+    assert parse([]).peak_learning_rate() == vae_example.LEARNING_RATES["flax"]
+    assert parse(["--preset", "iwae"]).peak_learning_rate() == 1e-3
+    assert parse(["--lr", "2e-3"]).peak_learning_rate() == 2e-3
+    # What the checkpoints store is the rate used, so a run stored with the iwae preset's
+    # 1e-3 (given or not) resumes either way.
+    assert (
+        parse(["--preset", "iwae"]).training()
+        == parse(["--preset", "iwae", "--lr", "1e-3"]).training()
+    )
 
 
 def test_vae_bfloat16_run_reports_the_float32_models_numbers(vae_example, tiny_idx_dir, tmp_path):

@@ -55,13 +55,14 @@ def test_distilled_student_beats_the_student_alone(fashion_mnist, tmp_path, comp
 
 def test_vae_lowers_the_test_negative_elbo(fashion_mnist, tmp_path, compilation_cache):
     """Two epochs of the flax preset take the test negative ELBO from 543 nats (an
-    untrained decoder: 784 log 2) to about 258 (seen here)."""
+    untrained decoder: 784 log 2) to about 249 (seen here; 258 at the earlier default
+    learning rate of 1e-3)."""
     example = load_script("examples/vae_mnist.py")
     settings = example.Settings(
         dataset="fashion_mnist", workdir=str(tmp_path), seed=0, epochs=2, eval_k=20,
         eval_examples=500, progress=False,
     )  # fmt: skip
     results = example.experiment(settings, fashion_mnist)
-    assert results["test_neg_elbo"] < 270.0
+    assert results["test_neg_elbo"] < 260.0
     assert results["test_nll"] <= results["eval_neg_elbo"] + 0.5
     assert results["kl"] > 1.0  # the posterior is used, not collapsed onto the prior
