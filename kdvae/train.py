@@ -756,19 +756,29 @@ class LoopState:
         return cls(best_state=best_state, **{name: meta[name] for name in cls._META})
 
 
-def _check_config(saved: Mapping, current: Mapping, where: Path, prefix: str = "") -> None:
-    """``ConfigMismatchError`` naming the first setting (``model.latents``) that differs;
-    the settings are compared before the data (``data``), which follow from some of them."""
+def _check_config(saved: Mapping, current: Mapping, where: Path) -> None:
+    """``ConfigMismatchError`` naming every setting (``model.latents``) that differs; the
+    settings come before the data (``data``), which follow from some of them."""
+    differences = [
+        f"{key}={old!r}, this run has {key}={new!r}"
+        for key, old, new in _differences(saved, current)
+    ]
+    if differences:
+        raise ConfigMismatchError(
+            f"cannot resume from {where}: it was written with "
+            + "; and with ".join(differences)
+            + ". Use the same settings, or another --workdir to start afresh."
+        )
+
+
+def _differences(saved: Mapping, current: Mapping, prefix: str = ""):
+    """``(dotted key, saved value, current value)`` for each leaf setting that differs."""
     for key in sorted(set(saved) | set(current), key=lambda k: (k == "data", k)):
         old, new = saved.get(key), current.get(key)
         if isinstance(old, Mapping) and isinstance(new, Mapping):
-            _check_config(old, new, where, f"{prefix}{key}.")
+            yield from _differences(old, new, f"{prefix}{key}.")
         elif old != new:
-            raise ConfigMismatchError(
-                f"cannot resume from {where}: it was written with {prefix}{key}={old!r}, "
-                f"this run has {prefix}{key}={new!r}. Use the same settings, or "
-                "another --workdir to start afresh."
-            )
+            yield f"{prefix}{key}", old, new
 
 
 class _Epochs:

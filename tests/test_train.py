@@ -311,7 +311,7 @@ def test_interrupted_run_resumes_exactly(data, evaluate, reference, tmp_path, ca
     assert_same_run(trainer, result, log, reference)
 
 
-def test_resume_with_another_config_names_the_setting(data, evaluate, tmp_path):
+def test_resume_with_another_config_names_every_setting_that_differs(data, evaluate, tmp_path):
     ckpt = train.Checkpointer(tmp_path / "ckpt")
     config = {"lr": 0.01, "model": {"widths": [32]}}
     run_fit(make_trainer(), data, evaluate, epochs=1, checkpointer=ckpt, config=config)
@@ -324,6 +324,11 @@ def test_resume_with_another_config_names_the_setting(data, evaluate, tmp_path):
     with pytest.raises(train.ConfigMismatchError, match="extra=None.*extra=1"):
         run_fit(make_trainer(), data, evaluate, checkpointer=ckpt, resume=True,
                 config={**config, "extra": 1})  # fmt: skip
+    with pytest.raises(train.ConfigMismatchError) as error:
+        run_fit(make_trainer(), data, evaluate, checkpointer=ckpt, resume=True,
+                config={"lr": 0.02, "model": {"widths": [64]}})  # fmt: skip
+    assert ("lr=0.01, this run has lr=0.02; and with model.widths=[32], this run has "
+            "model.widths=[64]. Use the same settings") in str(error.value)  # fmt: skip
     assert issubclass(train.ConfigMismatchError, train.ConfigError)
     # The same configuration resumes (where the outputs go is not part of it: the
     # settings declared training=False are never stored; tests/test_config.py).
