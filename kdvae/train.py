@@ -901,10 +901,6 @@ def _save(trainer: Trainer, stage: Stage, loop: Loop, epochs: _Epochs, state: Lo
     stage.checkpointer.save(step, trainer.state, state.best_state, meta)
 
 
-def _improves(value: float, best: float | None, mode: str) -> bool:
-    return best is None or (value > best if mode == "max" else value < best)
-
-
 def _record(trainer: Trainer, state: LoopState, row: dict, loop: Loop, stage: Stage) -> None:
     """A finished epoch's row: history, best model, metrics log; on to the next epoch."""
     state.history.append(row)
