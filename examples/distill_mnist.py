@@ -352,7 +352,8 @@ def write_results(run: Run, results: dict, teacher: nnx.Module) -> dict:
     if jax.process_index() == 0:  # one writer in a multi-host run
         train.write_json(Path(s.workdir) / "results.json", results)
         first = ["teacher"] + [stage_name(n, s.seed) for n in ("student", *s.methods)]
-        distill.figures(Path(s.workdir), teacher, run.ds, run.log, stages=first)
+        if s.figures:
+            distill.figures(Path(s.workdir), teacher, run.ds, run.log, stages=first)
     return results
 
 
@@ -363,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.setup(settings.distributed)
         results = experiment(settings)
         print(distill.format_table(results))
-        print(f"results, metrics, figures and checkpoints in {settings.workdir}/")
+        figures = "figures and " if settings.figures else ""
+        print(f"results, metrics, {figures}checkpoints in {settings.workdir}/")
     return 0
 
 

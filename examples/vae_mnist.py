@@ -260,7 +260,8 @@ def train_and_report(s: Settings, ds: data.Dataset, log: train.MetricsLog) -> di
     if jax.process_index() == 0:  # one writer in a multi-host run
         train.write_json(Path(s.workdir) / "results.json", results)
         best, bounds = first
-        vae.figures(Path(s.workdir), best, ds, x_eval["test"], bounds, log, s.seed)
+        if s.figures:
+            vae.figures(Path(s.workdir), best, ds, x_eval["test"], bounds, log, s.seed)
     return results
 
 
@@ -325,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.setup(settings.distributed)
         results = experiment(settings)
         print(vae.format_table(results))
-        print(f"results, metrics, figures and checkpoints in {settings.workdir}/")
+        figures = "figures and " if settings.figures else ""
+        print(f"results, metrics, {figures}checkpoints in {settings.workdir}/")
     return 0
 
 

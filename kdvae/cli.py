@@ -52,6 +52,9 @@ class Common(config.Settings):
     )
     resume: bool = config.setting(False, "continue from the last checkpoint", training=False)
     progress: bool = config.setting(True, "progress bars", training=False)
+    figures: bool = config.setting(
+        True, "write the figures (PNG) beside results.json", training=False
+    )
     distributed: bool = config.setting(
         False,
         "multi-host: call jax.distributed.initialize() first (README, Scaling out)",

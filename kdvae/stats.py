@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import scipy.stats
 
 __all__ = ["interval"]
 
@@ -21,6 +20,8 @@ def interval(values: Sequence[float]) -> dict[str, Any]:
     v = np.asarray(values, dtype=np.float64)
     out = {"mean": float(v.mean()), "std": None, "ci95": None, "n": len(v), "values": list(values)}
     if len(v) > 1:
+        import scipy.stats  # here, not at the top: its import (~1 s) would slow every start
+
         std = float(v.std(ddof=1))
         half = float(scipy.stats.t.ppf(0.975, len(v) - 1)) * std / np.sqrt(len(v))
         out |= {"std": std, "ci95": [out["mean"] - half, out["mean"] + half]}

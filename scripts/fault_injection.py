@@ -171,7 +171,8 @@ class Run:
 def command(example: str, workdir: Path, data_dir: Path, *, resume=False, die_at=()) -> list[str]:
     script, args = EXAMPLES[example]
     argv = [script, "--data-dir", str(data_dir), "--workdir", str(workdir), "--val-size",
-            str(VAL_SIZE), "--no-progress", *args, *(["--resume"] if resume else [])]  # fmt: skip
+            str(VAL_SIZE), "--no-progress", "--no-figures", *args,
+            *(["--resume"] if resume else [])]  # fmt: skip
     if die_at:
         hooks = [a for point in die_at for a in ("--die-at", point)]
         return [sys.executable, str(Path(__file__).resolve()), "exec", *hooks, "--", *argv]

@@ -171,9 +171,10 @@ def test_gpu_check_runs_everything_and_prints_one_table(tiny_idx_dir, tmp_path):
             "--data-dir", str(tiny_idx_dir), "--workdir", str(tmp_path),
             "--steps-args", "--steps student --batch-sizes 16 --rounds 1",
             "--distill-args", "--val-size 200 --batch-size 32 --teacher hinton_student "
-                              "--teacher-epochs 1 --student-epochs 1 --methods kd",
+                              "--teacher-epochs 1 --student-epochs 1 --methods kd "
+                              "--no-figures",
             "--vae-args", "--val-size 200 --batch-size 32 --epochs 2 --eval-k 2 "
-                          "--eval-examples 20",
+                          "--eval-examples 20 --no-figures",
         ])  # fmt: skip
     text = out.getvalue()
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == result

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 REPO = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST, VAL = 800, 200, 200  # 600 training rows, 4 steps of 128 an epoch
-SMALL = ["--val-size", str(VAL), "--no-progress"]
+SMALL = ["--val-size", str(VAL), "--no-progress", "--no-figures"]
 DISTILL_SMALL = [*SMALL, "--teacher", "hinton_student", "--teacher-epochs", "1",
                  "--student-epochs", "1"]  # fmt: skip
 VAE_SMALL = [*SMALL, "--epochs", "1", "--eval-k", "2", "--eval-examples", "10"]
@@ -115,6 +115,7 @@ def distill_run(root, data_dir) -> Path:
     workdir = root / "distill-run"
     assert distill_example.main(["--data-dir", str(data_dir), "--workdir", str(workdir),
                                  *DISTILL_SMALL]) == 0  # fmt: skip
+    assert (workdir / "results.json").exists() and not list(workdir.glob("*.png"))  # --no-figures
     return workdir
 
 

@@ -247,7 +247,7 @@ def test_vmap_over_examples_equals_one_call_per_example():
             value = fn(key, x1[None], q1, dec, **kw)
             return (value.elbo if fn is losses.stl_elbo else value)[0]
 
-        value_and_grad = jax.value_and_grad(one, argnums=(1, 2))
+        value_and_grad = jax.jit(jax.value_and_grad(one, argnums=(1, 2)))  # compiled once
         mapped = jax.vmap(value_and_grad)(x, q.mean, q.logvar)
         for i in range(len(x)):
             looped = value_and_grad(x[i], q.mean[i], q.logvar[i])

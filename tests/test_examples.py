@@ -358,8 +358,11 @@ def test_vae_writes_results_metrics_figures_checkpoints(vae_run):
 def test_vae_gaussian_likelihood_reports_bits_per_dimension(vae_example, tiny_idx_dir, tmp_path):
     workdir = tmp_path / "run"
     stdout = run_main(vae_example, ["--data-dir", tiny_idx_dir, "--workdir", workdir, *VAE_TINY,
-                                    "--eval-examples", 20, "--likelihood", "gaussian"])  # fmt: skip
+                                    "--eval-examples", 20, "--likelihood", "gaussian",
+                                    "--no-figures"])  # fmt: skip
     results = read_results(workdir)
+    assert not list(workdir.glob("*.png"))  # --no-figures: results, metrics, checkpoints only
+    assert stdout.strip().endswith(f"results, metrics, checkpoints in {workdir}/")
     assert results["config"]["likelihood"] == "gaussian"
     # bits per dimension of the 256 grey levels, from the NLL of the dequantized images
     assert results["test_bpd"] == pytest.approx(
@@ -402,7 +405,8 @@ def test_vae_learning_rate_is_the_presets_unless_given(vae_example):
 def test_vae_bfloat16_run_reports_the_float32_models_numbers(vae_example, tiny_idx_dir, tmp_path):
     workdir = tmp_path / "run"
     run_main(vae_example, ["--data-dir", tiny_idx_dir, "--workdir", workdir, *VAE_TINY,
-                           "--eval-examples", 20, "--dtype", "bfloat16"])  # fmt: skip
+                           "--eval-examples", 20, "--dtype", "bfloat16",
+                           "--no-figures"])  # fmt: skip
     results, (row,) = read_results(workdir), metrics_rows(workdir)
     # The epoch's row was computed by the bfloat16 model; results.json by its float32 twin.
     assert results["test_neg_elbo"] != row["test_neg_elbo"]

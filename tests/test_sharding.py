@@ -203,7 +203,7 @@ UNTIMED = ("seconds", "eval_seconds", "samples_per_s", "devices", "config")
 def _example_argv(name, data_dir, workdir, extra=()) -> list[str]:
     return [sys.executable, str(REPO / "examples" / f"{name}.py"), "--data-dir", str(data_dir),
             "--workdir", str(workdir), "--val-size", "200", "--batch-size", "32",
-            "--no-progress", *EXAMPLE_ARGS[name], *map(str, extra)]  # fmt: skip
+            "--no-progress", "--no-figures", *EXAMPLE_ARGS[name], *map(str, extra)]  # fmt: skip
 
 
 def _env(devices: int, cache: Path, **extra: str) -> dict:

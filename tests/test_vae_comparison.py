@@ -12,7 +12,8 @@ from conftest import load_script
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
-TINY = ["--val-size", "200", "--batch-size", "32", "--epochs", "1", "--eval-k", "4"]
+TINY = ["--val-size", "200", "--batch-size", "32", "--epochs", "1", "--eval-k", "4",
+        "--no-figures"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
