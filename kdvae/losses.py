@@ -1519,6 +1519,7 @@ def importance_sampled_log_px(
     method is :math:`\mathrm{sd}(w) / (\sqrt{k}\, \bar w) = \sqrt{1/\mathrm{ESS} - 1/k}`.
     Both come from the same weights as the estimate. A small ESS means ``q`` covers the
     posterior poorly and the standard error is itself unreliable: read them together.
+    With ``k = 1`` there is no spread to estimate it from, and the standard error is 0.
 
     Args:
       key, x, posterior, decoder, num_samples, chunk_size, likelihood, event_ndim: as in
