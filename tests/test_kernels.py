@@ -248,10 +248,11 @@ def test_conv_paths_agree_in_value_and_gradient(b, h, w, c, o, k):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_conv_gradients_check_numerically(path):
+@pytest.mark.parametrize("channels", [1, 3])  # one input channel has its own CPU kernel
+def test_conv_gradients_check_numerically(path, channels):
     with jax.enable_x64(True), kernels.forced_backend(path):
-        x = jax.random.normal(jax.random.key(0), (2, 5, 4, 3), jnp.float64)
-        kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 2), jnp.float64)
+        x = jax.random.normal(jax.random.key(0), (2, 5, 4, channels), jnp.float64)
+        kernel = jax.random.normal(jax.random.key(1), (3, 3, channels, 2), jnp.float64)
         # A custom VJP has no forward mode: the CPU kernel is checked in reverse only.
         modes = ["rev"] if path == "cpu" else ["fwd", "rev"]
         check_grads(kernels.conv2d_same, (x, kernel), order=1, modes=modes)
