@@ -206,7 +206,7 @@ def _im2col_conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
 def _taps_conv(x_BHW1: jax.Array, kernel_HW1O: jax.Array) -> jax.Array:
     """One input channel: the ``kh * kw`` shifted images times their taps, summed in one
     fused pass (3.7 % off the CNN teacher's whole step at batch 128 against the ``K = 9``
-    matrix multiply, 1 % at 512: ``benchmarks/steps.py``'s interleaved rounds, AMD EPYC)."""
+    matrix multiply, 1 % at 512; ``benchmarks/steps.py``'s interleaved runner, AMD EPYC)."""
     kh, kw, _, _ = kernel_HW1O.shape
     _, h, w, _ = x_BHW1.shape
     top, left = (kh - 1) // 2, (kw - 1) // 2
