@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import itertools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -183,13 +182,17 @@ def _im2col(x_BHWC: jax.Array, kh: int, kw: int) -> jax.Array:
     Patch entries in ``(i, j, c)`` row-major order, the order of an HWIO kernel's
     ``reshape(kh * kw * C, O)``; padding as XLA's 'SAME' (the odd one after).
     """
+    return jnp.concatenate(_shifted(x_BHWC, kh, kw), axis=-1)
+
+
+def _shifted(x_BHWC: jax.Array, kh: int, kw: int) -> list[jax.Array]:
+    """The ``kh * kw`` 'SAME'-padded shifts of ``x``, each ``[B, H, W, C]``, in ``(i, j)``
+    row-major order: tap ``(i, j)`` of every output pixel."""
     _, h, w, _ = x_BHWC.shape
     top, left = (kh - 1) // 2, (kw - 1) // 2
     pads = ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0))
     padded = jnp.pad(x_BHWC, pads)
-    return jnp.concatenate(
-        [padded[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1
-    )
+    return [padded[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)]
 
 
 @jax.custom_vjp
@@ -207,14 +210,11 @@ def _taps_conv(x_BHW1: jax.Array, kernel_HW1O: jax.Array) -> jax.Array:
     """One input channel: the ``kh * kw`` shifted images times their taps, summed in one
     fused pass (3.7 % off the CNN teacher's whole step at batch 128 against the ``K = 9``
     matrix multiply, 1 % at 512; ``benchmarks/steps.py``'s interleaved runner, AMD EPYC)."""
-    kh, kw, _, _ = kernel_HW1O.shape
-    _, h, w, _ = x_BHW1.shape
-    top, left = (kh - 1) // 2, (kw - 1) // 2
-    padded = jnp.pad(x_BHW1, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
-    y = padded[:, :h, :w, :] * kernel_HW1O[0, 0, 0]
-    for i, j in itertools.product(range(kh), range(kw)):
-        if (i, j) != (0, 0):
-            y = y + padded[:, i : i + h, j : j + w, :] * kernel_HW1O[i, j, 0]
+    kh, kw, _, o = kernel_HW1O.shape
+    first, *rest = zip(_shifted(x_BHW1, kh, kw), kernel_HW1O.reshape(kh * kw, o), strict=True)
+    y = first[0] * first[1]
+    for shift, tap in rest:
+        y = y + shift * tap
     return y
 
 

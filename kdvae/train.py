@@ -771,7 +771,9 @@ def _check_config(saved: Mapping, current: Mapping, where: Path) -> None:
         )
 
 
-def _differences(saved: Mapping, current: Mapping, prefix: str = ""):
+def _differences(
+    saved: Mapping, current: Mapping, prefix: str = ""
+) -> Iterator[tuple[str, Any, Any]]:
     """``(dotted key, saved value, current value)`` for each leaf setting that differs."""
     for key in sorted(set(saved) | set(current), key=lambda k: (k == "data", k)):
         old, new = saved.get(key), current.get(key)
