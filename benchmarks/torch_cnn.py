@@ -73,14 +73,16 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-sizes", default="128,512")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds of 5 steps")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--default-malloc", action="store_true", help=steps.MALLOC_HELP)
     args = p.parse_args(argv)
+    kept = steps.keep_freed_host_memory(args.default_malloc)  # for PyTorch too: one process
     try:
         import torch
     except ImportError:
         sys.exit("benchmarks/torch_cnn.py needs torch: pip install -e '.[bench-torch]'")
     threads = len(os.sched_getaffinity(0))
     out = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-           "threads": threads}  # fmt: skip
+           "threads": threads, "kept_freed_host_memory": kept}  # fmt: skip
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         runners = {
             "kdvae": steps._library_runner("cnn_teacher", batch, (), 5),
@@ -95,7 +97,7 @@ def main(argv=None) -> dict:
     if args.json:
         print(json.dumps(out, indent=1))
     else:
-        print(f"torch {out['torch']}, {threads} threads")
+        print(f"torch {out['torch']}, {threads} threads, kept freed host memory: {kept}")
         for batch in args.batch_sizes.split(","):
             r = out[batch]
             ratio = r["kdvae_over_pytorch"]

@@ -74,13 +74,14 @@ class Common(config.Settings):
 
 
 def setup(distributed: bool = False) -> None:
-    """Process-wide settings: the persistent compilation cache, multi-host start-up.
+    """Process-wide settings: host memory reuse, the compilation cache, multi-host start-up.
 
     With ``distributed``, ``jax.distributed.initialize()`` joins the job: on SLURM,
     Open MPI or Cloud TPU it finds its peers itself; elsewhere set
     ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``KDVAE_NUM_PROCESSES`` and
-    ``KDVAE_PROCESS_ID``.
+    ``KDVAE_PROCESS_ID``. Call it before JAX's first computation.
     """
+    train.keep_freed_host_memory()
     if distributed:
         count, index = _env_int("KDVAE_NUM_PROCESSES", 1), _env_int("KDVAE_PROCESS_ID", 0)
         if count is not None and index is not None and not index < count:

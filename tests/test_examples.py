@@ -473,3 +473,28 @@ def test_vae_2d_through_tfds_manifold_and_iwae_below_elbo(vae_example, tmp_path)
     # the one-sample estimates over 96 images.
     assert np.isfinite(results["test_nll"])
     assert results["test_nll"] <= results["test_neg_elbo"] + 0.5
+
+
+SETUP_BEFORE_JAX = """
+import os, sys
+sys.path.insert(0, "tests")
+import jax._src.xla_bridge as xla_bridge
+from conftest import load_script
+from kdvae import train
+
+def stop():  # the examples' first call into kdvae.train that changes the process
+    print(xla_bridge.backends_are_initialized(), flush=True)
+    os._exit(0)
+
+train.keep_freed_host_memory = stop
+load_script(sys.argv[1]).main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("script", ["examples/distill_mnist.py", "examples/vae_mnist.py"])
+def test_examples_set_up_the_process_before_jax_starts_a_backend(script, tmp_path):
+    """Host memory reuse (kdvae.train.keep_freed_host_memory) holds only from then on."""
+    argv = [script, "--workdir", str(tmp_path / "run")]
+    done = subprocess.run([sys.executable, "-c", SETUP_BEFORE_JAX, *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.stdout.strip() == "False", done.stderr[-2000:]

@@ -659,3 +659,56 @@ def test_one_run_per_workdir_and_no_stale_lock(tmp_path):
     with train.claim_workdir(tmp_path / "run", resume=False):  # released at the block's end
         pass
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+
+
+# --------------------------------------------------------------------------- host memory
+
+FAULTS = """
+import resource, sys
+import jax, jax.numpy as jnp
+from kdvae import train
+applied = train.keep_freed_host_memory() if sys.argv[1] == "keep" else None
+x, v = jnp.ones((4096, 4096)), jnp.ones((4096, 8))
+step = jax.jit(lambda x, v: jnp.tanh(1.5 * x) @ v)  # a 64 MB scratch buffer per call
+step(x, v).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step(x, v).block_until_ready()
+print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+def faults_per_call(mode: str) -> tuple[str, float]:
+    """(what keep_freed_host_memory returned, minor page faults per call) in a new process."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", FAULTS, mode], env=env, capture_output=True,
+                          text=True, timeout=300, check=True)  # fmt: skip
+    applied, faults = done.stdout.split()
+    return applied, float(faults)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc, Linux page faults")
+def test_keep_freed_host_memory_stops_page_faulting_each_steps_scratch_buffer():
+    applied, kept = faults_per_call("keep")
+    assert applied == "True"
+    assert kept < 100  # pages of the 64 MB scratch buffer: 16,384
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[always]" in thp.read_text():
+        return  # the kernel maps 2 MB pages itself: the default's faults are few too
+    _, default = faults_per_call("default")
+    assert default > 4000, default  # glibc unmaps the freed buffer, the next call faults it in
+
+
+@pytest.mark.parametrize("platforms, applied", [("cuda,cpu", "False"), ("cpu,cuda", "True")])
+def test_keep_freed_host_memory_only_where_jax_runs_on_the_cpu(platforms, applied):
+    env = {**os.environ, "JAX_PLATFORMS": platforms}
+    code = "from kdvae import train; print(train.keep_freed_host_memory())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300, check=True)  # fmt: skip
+    assert done.stdout.strip() == (applied if sys.platform == "linux" else "False")
+
+
+def test_keep_freed_host_memory_is_not_applied_off_glibc(monkeypatch):
+    monkeypatch.setattr(train.platform, "libc_ver", lambda: ("", ""))
+    monkeypatch.setattr(train.ctypes, "CDLL", None)  # fails if called
+    assert train.keep_freed_host_memory() is False
