@@ -156,12 +156,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 def keep_freed_host_memory() -> bool:
     """On a CPU-only run under glibc, have freed memory reused instead of unmapped.
 
-    XLA's CPU client allocates each step's scratch buffer afresh (80 MB for the CNN
+    XLA's CPU client allocates each step's scratch buffer afresh (84 MB for the CNN
     teacher at batch 128), and glibc hands a block over 32 MB back to the kernel when it
-    is freed (in a thread's own arena, over 64 MB always), so every step page-faults it
-    all in again: 40 % of that step's CPU time was in the kernel. One malloc arena, no
-    ``mmap``-ed blocks and no trimming (``mallopt``) let the next step reuse the same
-    memory. The process then holds its peak heap until it exits.
+    is freed (in a worker thread's own arena, over 64 MB always), so every step
+    page-faults it all in again: 20,500 faults, 40 % of that step's CPU time in the
+    kernel. One malloc arena, no ``mmap``-ed blocks and no trimming (``mallopt``) let
+    the next step reuse the same memory: the CNN teacher's step took 50 instead of
+    86-93 ms at batch 128 (2-core AMD EPYC; README, Speed). The process then holds its
+    peak heap until it exits.
 
     Process-wide. Call it before JAX's first computation: threads started earlier keep
     their arenas, so a later call changes little (:func:`kdvae.cli.setup` calls it
