@@ -161,9 +161,10 @@ def keep_freed_host_memory() -> bool:
     is freed (in a worker thread's own arena, over 64 MB always), so every step
     page-faults it all in again: 20,500 faults, 40 % of that step's CPU time in the
     kernel. One malloc arena, no ``mmap``-ed blocks and no trimming (``mallopt``) let
-    the next step reuse the same memory: the CNN teacher's step took 50 instead of
-    86-93 ms at batch 128 (2-core AMD EPYC; README, Speed). The process then holds its
-    peak heap until it exits.
+    the next step reuse the same memory (most steps: glibc 2.36 still strands a freed
+    aligned block now and then): the CNN teacher's step took 50 instead of 86-93 ms at
+    batch 128 (2-core AMD EPYC; README, Speed). The process then holds its peak heap
+    until it exits.
 
     Process-wide. Call it before JAX's first computation: threads started earlier keep
     their arenas, so a later call changes little (:func:`kdvae.cli.setup` calls it
