@@ -457,6 +457,9 @@ def main(argv=None) -> dict:
         "devices": jax.device_count(),
         "gemm_gflops": round(float(np.median([gemm.rate() for _ in range(10)])) / 1e9, 2),
     }
+    if not args.json:
+        print(f"kept freed host memory (kdvae.train.keep_freed_host_memory): "
+              f"{out['kept_freed_host_memory']}")  # fmt: skip
     for step in args.steps.split(","):
         out[step] = {}
         for batch in (int(b) for b in args.batch_sizes.split(",")):

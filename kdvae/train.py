@@ -149,16 +149,18 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
     compilation_cache.reset_cache()
 
 
-# glibc's mallopt options (malloc.h)
+# glibc's mallopt options (malloc.h), and the environment that chooses an allocator
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_ALLOCATOR_ENVIRONMENT = ("LD_PRELOAD", "GLIBC_TUNABLES")
 
 
 def keep_freed_host_memory() -> bool:
     """On a CPU-only run under glibc, have freed memory reused instead of unmapped.
 
     XLA's CPU client allocates each step's scratch buffer afresh (84 MB for the CNN
-    teacher at batch 128), and glibc hands a block over 32 MB back to the kernel when it
-    is freed (in a worker thread's own arena, over 64 MB always), so every step
+    teacher at batch 128). glibc serves a block over 32 MB (the most its dynamic
+    threshold reaches) with ``mmap`` and unmaps it when freed, and a worker thread's
+    own arena does so for any block over 64 MB whatever the settings, so every step
     page-faults it all in again: 20,500 faults, 40 % of that step's CPU time in the
     kernel. One malloc arena, no ``mmap``-ed blocks and no trimming (``mallopt``) let
     the next step reuse the same memory (most steps: glibc 2.36 still strands a freed
@@ -166,29 +168,47 @@ def keep_freed_host_memory() -> bool:
     batch 128 (2-core AMD EPYC; README, Speed). The process then holds its peak heap
     until it exits.
 
-    Process-wide. Call it before JAX's first computation: threads started earlier keep
-    their arenas, so a later call changes little (:func:`kdvae.cli.setup` calls it
-    first). Returns whether it was applied: not where JAX may use another platform than
-    the CPU (``JAX_PLATFORMS``, or a GPU or TPU plugin installed; it was measured on
-    CPUs only) nor off glibc.
+    Process-wide; call it before JAX's first computation (:func:`kdvae.cli.setup`
+    does). Returns whether it was applied. It is not: where a JAX platform other than
+    the CPU is possible (``JAX_PLATFORMS`` names another, or it is unset and a GPU or
+    TPU plugin is installed: measured on CPUs only); off glibc; once JAX has started a
+    backend (its threads keep their arenas); and where the environment already chooses
+    the allocator (``LD_PRELOAD``, ``GLIBC_TUNABLES``, ``MALLOC_ARENA_MAX``, ... : the
+    way to opt out, e.g. ``MALLOC_ARENA_MAX=8``).
     """
-    if not _cpu_only() or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    if (
+        not _cpu_only()
+        or sys.platform != "linux"
+        or platform.libc_ver()[0] != "glibc"
+        or _backend_started()
+        or any(name in os.environ for name in _ALLOCATOR_ENVIRONMENT)
+        or any(name.startswith("MALLOC_") for name in os.environ)
+    ):
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the process's C library
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-    return all(mallopt(option, value) == 1 for option, value in settings)
+    applied = [mallopt(option, value) == 1 for option, value in settings]
+    return all(applied)
 
 
 def _cpu_only() -> bool:
     """Whether JAX can only run on the CPU here, judged before it starts a backend."""
     platforms = jax.config.jax_platforms
     if platforms:
-        return platforms.split(",")[0].strip().lower() == "cpu"
+        return all(name.strip().lower() == "cpu" for name in platforms.split(","))
     return not (
         importlib.metadata.entry_points(group="jax_plugins")
         or importlib.util.find_spec("jax_plugins")
         or importlib.util.find_spec("libtpu")
     )
+
+
+def _backend_started() -> bool:
+    """Whether JAX has started a backend (and its threads) in this process."""
+    from jax._src import xla_bridge  # no public API says so
+
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return started is None or started()
 
 
 def data_mesh(devices: list | None = None) -> Mesh:

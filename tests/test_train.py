@@ -667,6 +667,10 @@ def test_one_run_per_workdir_and_no_stale_lock(tmp_path):
 # --------------------------------------------------------------------------- host memory
 
 GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+CLEAN_ENVIRONMENT = {  # no allocator chosen by the environment
+    k: v for k, v in os.environ.items()
+    if not (k.startswith("MALLOC_") or k in ("LD_PRELOAD", "GLIBC_TUNABLES"))
+}  # fmt: skip
 
 FAULTS = """
 import resource, sys
@@ -685,7 +689,7 @@ print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 2
 
 def faults_per_step(mode: str) -> tuple[str, float]:
     """(what keep_freed_host_memory returned, minor page faults per step) in a new process."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**CLEAN_ENVIRONMENT, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", FAULTS, mode], env=env, capture_output=True,
                           text=True, timeout=300, check=True, cwd=REPO)  # fmt: skip
     applied, faults = done.stdout.split()
@@ -706,16 +710,29 @@ def test_keep_freed_host_memory_stops_page_faulting_each_steps_scratch_buffer():
     assert kept < default / 3, (kept, default)
 
 
-@pytest.mark.parametrize("platforms, applied", [("cuda,cpu", "False"), ("cpu,cuda", "True")])
-def test_keep_freed_host_memory_only_where_jax_runs_on_the_cpu(platforms, applied):
-    env = {**os.environ, "JAX_PLATFORMS": platforms}
+@pytest.mark.parametrize(
+    "environment, applied",
+    [
+        ({"JAX_PLATFORMS": "cpu"}, True),
+        ({"JAX_PLATFORMS": "cuda,cpu"}, False),  # JAX may start CUDA as well
+        ({"JAX_PLATFORMS": "cpu,cuda"}, False),
+        ({"JAX_PLATFORMS": "cpu", "MALLOC_ARENA_MAX": "8"}, False),  # the user's choice
+        ({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, False),
+    ],
+)
+def test_keep_freed_host_memory_only_on_the_cpu_and_not_against_the_users_choice(
+    environment, applied
+):
     code = "from kdvae import train; print(train.keep_freed_host_memory())"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=300, check=True)  # fmt: skip
-    assert done.stdout.strip() == (applied if GLIBC else "False")
+    done = subprocess.run([sys.executable, "-c", code], env={**CLEAN_ENVIRONMENT, **environment},
+                          capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    assert done.stdout.strip() == str(applied and GLIBC)
 
 
-def test_keep_freed_host_memory_is_not_applied_off_glibc(monkeypatch):
-    monkeypatch.setattr(train.platform, "libc_ver", lambda: ("", ""))
+def test_keep_freed_host_memory_is_not_applied_off_glibc_or_after_jax_started(monkeypatch):
     monkeypatch.setattr(train.ctypes, "CDLL", None)  # fails if called
+    jnp.ones(1).block_until_ready()  # this process's backend has started
+    assert train.keep_freed_host_memory() is False
+    monkeypatch.setattr(train, "_backend_started", lambda: False)
+    monkeypatch.setattr(train.platform, "libc_ver", lambda: ("", ""))
     assert train.keep_freed_host_memory() is False
