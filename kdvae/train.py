@@ -149,9 +149,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
     compilation_cache.reset_cache()
 
 
-# glibc's mallopt options (malloc.h), and the environment that chooses an allocator
+# glibc's mallopt options (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_ALLOCATOR_ENVIRONMENT = ("LD_PRELOAD", "GLIBC_TUNABLES")
 
 
 def keep_freed_host_memory() -> bool:
@@ -181,14 +180,18 @@ def keep_freed_host_memory() -> bool:
         or sys.platform != "linux"
         or platform.libc_ver()[0] != "glibc"
         or _backend_started()
-        or any(name in os.environ for name in _ALLOCATOR_ENVIRONMENT)
-        or any(name.startswith("MALLOC_") for name in os.environ)
+        or any(map(_chooses_allocator, os.environ))
     ):
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the process's C library
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-    applied = [mallopt(option, value) == 1 for option, value in settings]
+    applied = [mallopt(option, value) == 1 for option, value in settings]  # all three
     return all(applied)
+
+
+def _chooses_allocator(variable: str) -> bool:
+    """Whether the environment variable ``variable`` chooses or tunes the C allocator."""
+    return variable in ("LD_PRELOAD", "GLIBC_TUNABLES") or variable.startswith("MALLOC_")
 
 
 def _cpu_only() -> bool:

@@ -667,10 +667,7 @@ def test_one_run_per_workdir_and_no_stale_lock(tmp_path):
 # --------------------------------------------------------------------------- host memory
 
 GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
-CLEAN_ENVIRONMENT = {  # no allocator chosen by the environment
-    k: v for k, v in os.environ.items()
-    if not (k.startswith("MALLOC_") or k in ("LD_PRELOAD", "GLIBC_TUNABLES"))
-}  # fmt: skip
+CLEAN_ENVIRONMENT = {k: v for k, v in os.environ.items() if not train._chooses_allocator(k)}
 
 FAULTS = """
 import resource, sys
