@@ -158,14 +158,13 @@ def keep_freed_host_memory() -> bool:
 
     XLA's CPU client allocates each step's scratch buffer afresh (84 MB for the CNN
     teacher at batch 128). glibc serves a block over 32 MB (the most its dynamic
-    threshold reaches) with ``mmap`` and unmaps it when freed, and a worker thread's
-    own arena does so for any block over 64 MB whatever the settings, so every step
-    page-faults it all in again: 20,500 faults, 40 % of that step's CPU time in the
-    kernel. One malloc arena, no ``mmap``-ed blocks and no trimming (``mallopt``) let
-    the next step reuse the same memory (most steps: glibc 2.36 still strands a freed
-    aligned block now and then): the CNN teacher's step took 50 instead of 86-93 ms at
-    batch 128 (2-core AMD EPYC; README, Speed). The process then holds its peak heap
-    until it exits.
+    threshold reaches) with ``mmap`` and unmaps it when freed, and a worker thread's own
+    arena does so for any block over 64 MB whatever the settings, so every step
+    page-faults it all in again (20,500 faults at batch 128). One malloc arena, no
+    ``mmap``-ed blocks and no trimming (``mallopt``) let the next step reuse the same
+    memory (most steps: glibc 2.36 still strands a freed aligned block now and then):
+    the CNN teacher's step took 50 instead of 86-93 ms at batch 128 (2-core AMD EPYC;
+    README, Speed). The process then holds its peak heap until it exits.
 
     Process-wide; call it before JAX's first computation (:func:`kdvae.cli.setup`
     does). Returns whether it was applied. It is not: where a JAX platform other than
